@@ -1,0 +1,223 @@
+"""Hugging Face Llama checkpoints in and out, at any tensor-parallel size.
+
+The HF state dict (names and layouts of transformers' LlamaForCausalLM) is the canonical
+full form; `shard_hf_state_dict` cuts it into one TP rank's local tensors in the model's
+row-gathered layouts (sat_dist/model/llama.py) and `merge_tp_state_dicts` glues the TP
+ranks' local tensors back together. A wrong interleave here gives garbage with no error, so
+tests compare logits with transformers itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sat_dist.config import ModelConfig
+from sat_dist.errors import SatDistError
+
+_LAYER = "model.layers.{}."
+
+
+def model_config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
+    """ModelConfig from the fields of an HF LlamaConfig (config.json as a dict)."""
+    arch = hf.get("model_type")
+    if arch not in (None, "llama", "mistral"):
+        raise SatDistError(f"HF config: model_type {arch!r} is not a Llama architecture; allowed: llama")
+    try:
+        h, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        cfg = ModelConfig(
+            hidden_size=h,
+            ffn_hidden_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_query_groups=int(hf.get("num_key_value_heads") or heads),
+            vocab_size=int(hf["vocab_size"]),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            name=name,
+        )
+    except KeyError as e:
+        raise SatDistError(f"HF config: missing field {e.args[0]!r}")
+    if hf.get("head_dim") not in (None, h // heads):
+        raise SatDistError(f"HF config: head_dim={hf['head_dim']} != hidden_size/num_attention_heads; unsupported")
+    if hf.get("rope_scaling"):
+        raise SatDistError("HF config: rope_scaling is not supported; use a model without it")
+    return cfg.validate()
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """An HF LlamaConfig dict for `cfg`."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = _LAYER.format(i)
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+    return shapes
+
+
+def check_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+    """One clear error for a missing tensor, a wrong shape or a non-float dtype."""
+    for name, shape in expected_hf_shapes(cfg).items():
+        t = sd.get(name)
+        if t is None:
+            raise SatDistError(f"HF checkpoint {where}: missing tensor {name}")
+        if tuple(t.shape) != shape:
+            raise SatDistError(f"HF checkpoint {where}: {name} has shape {tuple(t.shape)}, "
+                               f"config.json implies {shape}")
+        if not t.is_floating_point():
+            raise SatDistError(f"HF checkpoint {where}: {name} has dtype {t.dtype}; expected a float dtype")
+
+
+def _rows(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    n = t.shape[0] // tp
+    return t[rank * n:(rank + 1) * n]
+
+
+def shard_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """Local tensors of TP rank `rank` (names of LlamaModel.state_dict())."""
+    h, d, r, G = cfg.hidden_size, cfg.head_dim, cfg.heads_per_group, cfg.num_query_groups
+    vp = cfg.padded_vocab_size(tp)
+
+    def pad_vocab(w):
+        return torch.cat((w, w.new_zeros(vp - w.shape[0], h))) if vp > w.shape[0] else w
+
+    out = {"embedding.weight": _rows(pad_vocab(sd["model.embed_tokens.weight"]), rank, tp),
+           "final_layernorm.weight": sd["model.norm.weight"]}
+    head = sd["model.embed_tokens.weight"] if cfg.tie_word_embeddings else sd["lm_head.weight"]
+    out["output_layer.weight"] = _rows(pad_vocab(head), rank, tp)
+    for i in range(cfg.num_layers):
+        p, o = _LAYER.format(i), f"layers.{i}."
+        qkv = torch.cat((sd[p + "self_attn.q_proj.weight"].reshape(G, r * d, h),
+                         sd[p + "self_attn.k_proj.weight"].reshape(G, d, h),
+                         sd[p + "self_attn.v_proj.weight"].reshape(G, d, h)), dim=1)  # [G, (r+2)d, h]
+        proj = sd[p + "self_attn.o_proj.weight"].t().reshape(G, r * d, h)
+        out[o + "self_attention.qkv_weight"] = _rows(qkv, rank, tp).reshape(-1, h)
+        out[o + "self_attention.proj_weight"] = _rows(proj, rank, tp).reshape(-1, h)
+        out[o + "mlp.fc1_weight"] = torch.cat((_rows(sd[p + "mlp.gate_proj.weight"], rank, tp),
+                                               _rows(sd[p + "mlp.up_proj.weight"], rank, tp)))
+        out[o + "mlp.fc2_weight"] = _rows(sd[p + "mlp.down_proj.weight"].t(), rank, tp)
+        out[o + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
+        out[o + "pre_mlp_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def merge_tp_state_dicts(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The HF state dict from the local tensors of all TP ranks (in rank order)."""
+    h, d, r, G, V = cfg.hidden_size, cfg.head_dim, cfg.heads_per_group, cfg.num_query_groups, cfg.vocab_size
+    tp = len(shards)
+
+    def cat(name, view=None):
+        parts = [s[name] if view is None else s[name].reshape(view) for s in shards]
+        return torch.cat(parts)
+
+    out = {"model.embed_tokens.weight": cat("embedding.weight")[:V],
+           "model.norm.weight": shards[0]["final_layernorm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = cat("output_layer.weight")[:V]
+    for i in range(cfg.num_layers):
+        p, o = _LAYER.format(i), f"layers.{i}."
+        qkv = cat(o + "self_attention.qkv_weight", (G // tp, (r + 2) * d, h))  # [G, (r+2)d, h]
+        out[p + "self_attn.q_proj.weight"] = qkv[:, : r * d].reshape(-1, h)
+        out[p + "self_attn.k_proj.weight"] = qkv[:, r * d:(r + 1) * d].reshape(-1, h)
+        out[p + "self_attn.v_proj.weight"] = qkv[:, (r + 1) * d:].reshape(-1, h)
+        out[p + "self_attn.o_proj.weight"] = cat(o + "self_attention.proj_weight").t()
+        fc1 = [s[o + "mlp.fc1_weight"].chunk(2) for s in shards]
+        out[p + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
+        out[p + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
+        out[p + "mlp.down_proj.weight"] = cat(o + "mlp.fc2_weight").t()
+        out[p + "input_layernorm.weight"] = shards[0][o + "input_layernorm.weight"]
+        out[p + "post_attention_layernorm.weight"] = shards[0][o + "pre_mlp_layernorm.weight"]
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def load_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read config.json and the safetensors weights (single file or sharded index)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise SatDistError(f"--hf-checkpoint {path}: no config.json there; give an HF Llama model directory")
+    try:
+        cfg = model_config_from_hf(json.loads(cfg_file.read_text()), name=path.name)
+    except json.JSONDecodeError as e:
+        raise SatDistError(f"--hf-checkpoint {path}: config.json is not valid JSON ({e.msg}, line {e.lineno})")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise SatDistError(f"--hf-checkpoint {path}: no model.safetensors or model.safetensors.index.json")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            sd.update(load_file(str(path / f)))
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise SatDistError(f"--hf-checkpoint {path}: cannot read {f}: {e}".splitlines()[0])
+    check_hf_state_dict(sd, cfg, str(path))
+    return cfg, sd
+
+
+def save_hf_checkpoint(path: str | Path, cfg: ModelConfig, sd: dict[str, torch.Tensor],
+                       max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and safetensors (sharded with an index above max_shard_bytes)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Llama blocks on local (tensor-parallel) shards, with SAT's gathered products."""

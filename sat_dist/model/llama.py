@@ -1,0 +1,231 @@
+"""Llama-2 decoder on LOCAL tensor-parallel shards, with SAT inside the MLP and attention.
+
+Plain PyTorch: at TP size 1 (the default `ParallelComm`) this is the single-device model.
+Tensor parallelism only changes the shard sizes and the `comm` hooks (megatron-core's
+copy-to / reduce-from mappings and vocabulary-parallel cross entropy).
+
+Parameters live directly on the module whose forward uses them (ZeRO-3 gathers a module's
+own parameters before its forward), in row-gathered layouts so that SAT's kept units are
+contiguous row blocks (shapes per TP rank; h hidden, f = ffn/tp, G = kv groups/tp,
+r = query heads per group, d = head dim):
+  mlp.fc1_weight   [2f, h]        gate rows, then up rows          (HF gate_proj, up_proj)
+  mlp.fc2_weight   [f, h]         W_down transposed                (HF down_proj.T)
+  attn.qkv_weight  [G*(r+2)*d, h] per group: r query heads, k, v   (HF q/k/v_proj)
+  attn.proj_weight [G*r*d, h]     W_o transposed                   (HF o_proj.T)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sat_dist.config import ModelConfig
+from sat_dist.errors import SatDistError
+from sat_dist.model.sat_state import SATState
+from sat_dist.model.sparse_ops import gather_rows
+from sat_dist.parallel.comm import SINGLE_PROCESS, ParallelComm
+from sat_dist.sat.importance import attention_scores, mlp_scores
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int, align_mlp: int = 1) -> None:
+    """Raise one clear error if `tp` cannot shard `cfg`."""
+    if tp < 1:
+        raise SatDistError(f"--tensor-model-parallel-size: got {tp}; allowed: an integer >= 1")
+    fix = "choose a tensor-model-parallel size that divides it"
+    if cfg.num_attention_heads % tp:
+        raise SatDistError(f"--tensor-model-parallel-size {tp} does not divide num_attention_heads="
+                           f"{cfg.num_attention_heads} of model {cfg.name}; {fix}")
+    if cfg.num_query_groups % tp:
+        raise SatDistError(f"--tensor-model-parallel-size {tp} does not divide num_query_groups (KV heads)="
+                           f"{cfg.num_query_groups} of model {cfg.name}; {fix}")
+    if cfg.ffn_hidden_size % tp or cfg.ffn_hidden_size // tp < align_mlp:
+        raise SatDistError(f"--tensor-model-parallel-size {tp} splits ffn_hidden_size={cfg.ffn_hidden_size} "
+                           f"of model {cfg.name} into partitions that are not whole or smaller than "
+                           f"the SAT MLP alignment {align_mlp}; {fix} or lower --sat-align-mlp")
+    if cfg.padded_vocab_size(tp) % tp:
+        raise SatDistError(f"--tensor-model-parallel-size {tp} does not divide the padded vocabulary "
+                           f"{cfg.padded_vocab_size(tp)}; change make_vocab_size_divisible_by")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, h: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(h))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_tables(seq: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [seq, d] in Hugging Face's half-rotation convention, computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class SATAttention(nn.Module):
+    """Causal self-attention whose units are KV groups; omitted groups are not computed."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, sat: SATState, comm: ParallelComm):
+        super().__init__()
+        self.h, self.d, self.r = cfg.hidden_size, cfg.head_dim, cfg.heads_per_group
+        self.groups = cfg.num_query_groups // comm.tp_size
+        self.layer, self.sat, self.comm, self.theta = layer, sat, comm, cfg.rope_theta
+        self.qkv_weight = nn.Parameter(torch.empty(self.groups * (self.r + 2) * self.d, self.h))
+        self.proj_weight = nn.Parameter(torch.empty(self.groups * self.r * self.d, self.h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
+        b, s, h = x.shape
+        r, d = self.r, self.d
+        qkv_w = self.qkv_weight.view(self.groups, (r + 2) * d, h)
+        proj_w = self.proj_weight.view(self.groups, r * d, h)
+        kept = self.sat.kept_units(
+            self.layer, "attn", self.groups, x.device,
+            lambda gen, stride: attention_scores(
+                self.sat.cfg.metric, x, self.qkv_weight, self.proj_weight, r, d,
+                self.comm.reduce_over_dp, gen, stride))
+        if kept is not None:
+            qkv_w, proj_w = gather_rows(qkv_w, kept), gather_rows(proj_w, kept)
+        g = qkv_w.shape[0]  # kept groups on this rank
+
+        x = self.comm.copy_to_tp(x)
+        qkv = F.linear(x, qkv_w.reshape(g * (r + 2) * d, h)).view(b, s, g, r + 2, d)
+        q = qkv[:, :, :, :r].reshape(b, s, g * r, d).transpose(1, 2)  # [b, g*r, s, d]
+        k = qkv[:, :, :, r].transpose(1, 2)  # [b, g, s, d]
+        v = qkv[:, :, :, r + 1].transpose(1, 2)  # [b, g, s, d]
+        cos, sin = rotary_tables(s, d, self.theta, x.device)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=r > 1)
+        out = out.transpose(1, 2).reshape(b, s, g * r * d)  # [b, s, g*r*d]
+        y = torch.matmul(out, proj_w.reshape(g * r * d, h))  # [b, s, h] partial over TP
+        return self.comm.reduce_from_tp(y)
+
+
+class SATMLP(nn.Module):
+    """SwiGLU MLP whose units are channels; omitted channels are not computed."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, sat: SATState, comm: ParallelComm):
+        super().__init__()
+        self.h, self.f = cfg.hidden_size, cfg.ffn_hidden_size // comm.tp_size
+        self.layer, self.sat, self.comm = layer, sat, comm
+        self.fc1_weight = nn.Parameter(torch.empty(2 * self.f, self.h))
+        self.fc2_weight = nn.Parameter(torch.empty(self.f, self.h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
+        fc1_w, fc2_w = self.fc1_weight, self.fc2_weight
+        kept = self.sat.kept_units(
+            self.layer, "mlp", self.f, x.device,
+            lambda gen, stride: mlp_scores(
+                self.sat.cfg.metric, x, self.fc1_weight, self.fc2_weight,
+                self.comm.reduce_over_dp, gen, stride))
+        if kept is not None:
+            # One gather for gate and up: rows kept and f + kept of [gate; up].
+            fc1_w = gather_rows(fc1_w, torch.cat((kept, kept + self.f)))  # [2k, h]
+            fc2_w = gather_rows(fc2_w, kept)  # [k, h]
+
+        x = self.comm.copy_to_tp(x)
+        gate, up = F.linear(x, fc1_w).chunk(2, dim=-1)  # [b, s, k] each
+        y = torch.matmul(F.silu(gate) * up, fc2_w)  # [b, s, h] partial over TP
+        return self.comm.reduce_from_tp(y)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, sat: SATState, comm: ParallelComm):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attention = SATAttention(cfg, layer, sat, comm)
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = SATMLP(cfg, layer, sat, comm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x))
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (vocabulary) are split over TP ranks."""
+
+    def __init__(self, vocab_local: int, h: int, comm: ParallelComm):
+        super().__init__()
+        self.comm = comm
+        self.start = comm.tp_rank * vocab_local
+        self.weight = nn.Parameter(torch.empty(vocab_local, h))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [b, s]
+        if self.comm.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.comm.reduce_from_tp(out)  # [b, s, h]
+
+
+class OutputLayer(nn.Module):
+    """LM head, column-parallel over the vocabulary; padded vocabulary entries are masked
+    out of the softmax so that the loss equals an unpadded model's."""
+
+    def __init__(self, vocab_local: int, h: int, vocab_size: int, comm: ParallelComm):
+        super().__init__()
+        self.comm = comm
+        self.weight = nn.Parameter(torch.empty(vocab_local, h))
+        self.valid = max(0, min(vocab_local, vocab_size - comm.tp_rank * vocab_local))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h] -> [b, s, V/tp]
+        logits = F.linear(self.comm.copy_to_tp(x), self.weight)
+        if self.valid < logits.shape[-1]:
+            pad = torch.arange(logits.shape[-1], device=logits.device) >= self.valid
+            logits = logits.masked_fill(pad, float("-inf"))
+        return logits
+
+
+class LlamaModel(nn.Module):
+    """Llama decoder LM on local shards. forward(ids) -> local logits; with labels -> per-token loss."""
+
+    def __init__(self, cfg: ModelConfig, sat: SATState | None = None,
+                 comm: ParallelComm = SINGLE_PROCESS, recompute: bool = False):
+        super().__init__()
+        cfg.validate()
+        sat = sat if sat is not None else SATState(None, comm)
+        check_tensor_parallel(cfg, comm.tp_size, sat.align("mlp"))
+        self.cfg, self.sat, self.comm, self.recompute = cfg, sat, comm, recompute
+        vocab_local = cfg.padded_vocab_size(comm.tp_size) // comm.tp_size
+        self.embedding = VocabParallelEmbedding(vocab_local, cfg.hidden_size, comm)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, sat, comm) for i in range(cfg.num_layers))
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.output_layer = OutputLayer(vocab_local, cfg.hidden_size, cfg.vocab_size, comm)
+        if cfg.tie_word_embeddings:
+            self.output_layer.weight = self.embedding.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, self.cfg.init_method_std, generator=generator)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embedding(ids)  # [b, s, h]
+        for layer in self.layers:
+            if self.recompute and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        logits = self.output_layer(self.final_layernorm(x))  # [b, s, V/tp]
+        if labels is None:
+            return logits
+        return self.comm.vocab_cross_entropy(logits, labels)  # [b, s]

@@ -1,0 +1,70 @@
+"""The per-step SAT state a model's layers read: rates, step, and how to select units.
+
+One `SATState` is shared by all layers of a model. The training loop sets the step, the
+micro-batch and the rates before each forward; each SAT module asks `kept_units` for the
+indices of the units of its local partition to keep (None means: all, run dense).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from sat_dist.config import SATConfig
+from sat_dist.parallel.comm import SINGLE_PROCESS, ParallelComm
+from sat_dist.sat.selection import keep_count, select_units, selection_generator
+
+KINDS = ("attn", "mlp")
+
+
+class SATState:
+    def __init__(self, cfg: Optional[SATConfig], comm: ParallelComm = SINGLE_PROCESS):
+        self.cfg = cfg
+        self.comm = comm
+        self.step = 0
+        self.micro = 0
+        self.rates = {"attn": 0.0, "mlp": 0.0}
+        # (layer, kind) -> global unit indices to keep, bypassing importance (tests, replays)
+        self.forced: dict[tuple[int, str], torch.Tensor] = {}
+        # (layer, kind) -> (kept, total) in this rank's partition at the last forward
+        self.kept: dict[tuple[int, str], tuple[int, int]] = {}
+
+    def set_step(self, step: int, micro: int = 0, attn: float = 0.0, mlp: float = 0.0) -> None:
+        self.step, self.micro = int(step), int(micro)
+        self.rates = {"attn": float(attn), "mlp": float(mlp)}
+
+    def align(self, kind: str) -> int:
+        if self.cfg is None:
+            return 1
+        return self.cfg.align_attn if kind == "attn" else self.cfg.align_mlp
+
+    def kept_units(self, layer: int, kind: str, n_local: int, device: torch.device,
+                   scores_fn: Callable[[torch.Generator, int], torch.Tensor]) -> Optional[torch.Tensor]:
+        """Local indices of the kept units of `kind` in `layer`, or None for all.
+
+        scores_fn(generator, token_stride) -> [n_local] scores, reduced over data parallel.
+        """
+        forced = self.forced.get((layer, kind))
+        if forced is not None:
+            idx = self._local_forced(forced, n_local, device)
+            self.kept[(layer, kind)] = (idx.numel(), n_local)
+            return idx
+        if self.cfg is None:
+            self.kept[(layer, kind)] = (n_local, n_local)
+            return None
+        k = keep_count(n_local, self.rates[kind], self.align(kind))
+        self.kept[(layer, kind)] = (k, n_local)
+        if k >= n_local:
+            return None
+        # The micro-batch is part of the seed: each micro-batch selects afresh, and an
+        # activation-recompute pass re-derives the very same selection.
+        gen = selection_generator(self.cfg.seed, self.step * 1000 + self.micro, layer,
+                                  self.comm.tp_rank, kind, device)
+        scores = scores_fn(gen, self.cfg.token_stride)
+        return select_units(scores, k, self.cfg.selection, self.cfg.temperature, gen)
+
+    def _local_forced(self, forced: torch.Tensor, n_local: int, device) -> torch.Tensor:
+        lo = self.comm.tp_rank * n_local
+        mine = forced[(forced >= lo) & (forced < lo + n_local)] - lo
+        return mine.sort().values.to(device)

@@ -1,0 +1,1 @@
+"""Parallelism: the communication hooks the model calls, and the megatron-core groups."""

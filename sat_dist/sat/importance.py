@@ -1,0 +1,89 @@
+"""Importance scores of SAT units, computed without grad from the block's input.
+
+Units: an MLP channel j is row j of W_gate and W_up and column j of W_down; an attention
+unit is one key/value group (its KV head and the query heads sharing it).
+
+Weights are passed in the model's row-gathered layouts (see sat_dist/model/llama.py):
+  fc1 [2n, h]  gate rows then up rows      fc2 [n, h]  = W_down^T
+  qkv [G*(r+2)*d, h]  per group: r query heads, then k, then v      o [G*r*d, h] = W_o^T
+
+`reduce(t, op)` combines a partial statistic over the data-parallel group (op "sum" or
+"max"; identity in one process). Each metric reduces the statistic that makes the result
+exactly what one process would compute on the whole global micro-batch:
+  maxip: max over tokens (reduce max);  wanda: per-feature sum of squares (reduce sum);
+  magnitude: weights only, identical on every replica (no reduce);
+  random: drawn from the seeded generator, identical on every replica (no reduce).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def no_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    return t
+
+
+def _tokens(x: torch.Tensor, token_stride: int) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1])  # [tokens, h]
+    return x[::token_stride] if token_stride > 1 else x
+
+
+def _feature_norms(x: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+    """L2 norm over all tokens (all DP replicas) of each input feature: [h]."""
+    sq = x.float().pow(2).sum(0)
+    return reduce(sq, "sum").sqrt()
+
+
+@torch.no_grad()
+def mlp_scores(metric: str, x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor,
+               reduce: Reduce = no_reduce, generator: torch.Generator | None = None,
+               token_stride: int = 1) -> torch.Tensor:
+    """Scores [n] of the n MLP channels held here. x: [..., h] input of the MLP."""
+    n = fc2.shape[0]
+    if metric == "random":
+        return torch.rand(n, generator=generator, device=fc2.device)
+    if metric == "magnitude":
+        gate, up = fc1[:n].float(), fc1[n:].float()
+        return (gate.pow(2).sum(1) + up.pow(2).sum(1) + fc2.float().pow(2).sum(1)).sqrt()
+    xs = _tokens(x, token_stride)
+    if metric == "maxip":
+        ip = (xs @ fc1[:n].t()).float().abs()  # [tokens, n]
+        return reduce(ip.amax(0), "max")
+    if metric == "wanda":
+        norms = _feature_norms(xs, reduce)  # [h]
+        w = fc1.float().abs()
+        return w[:n] @ norms + w[n:] @ norms
+    raise ValueError(f"unknown importance metric {metric!r}")
+
+
+@torch.no_grad()
+def attention_scores(metric: str, x: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor,
+                     heads_per_group: int, head_dim: int, reduce: Reduce = no_reduce,
+                     generator: torch.Generator | None = None,
+                     token_stride: int = 1) -> torch.Tensor:
+    """Scores [G] of the G attention units (KV groups) held here. x: [..., h] input of the
+    attention projections."""
+    r, d = heads_per_group, head_dim
+    h = qkv.shape[1]
+    groups = qkv.view(-1, (r + 2) * d, h)  # [G, (r+2)d, h]
+    G = groups.shape[0]
+    if metric == "random":
+        return torch.rand(G, generator=generator, device=qkv.device)
+    if metric == "magnitude":
+        w_in = groups.float().pow(2).sum((1, 2))
+        w_out = o.view(G, r * d, h).float().pow(2).sum((1, 2))
+        return (w_in + w_out).sqrt()
+    xs = _tokens(x, token_stride)
+    if metric == "maxip":
+        wq = groups[:, : r * d].reshape(G * r * d, h)
+        q = (xs @ wq.t()).float().view(-1, G, r * d)  # [tokens, G, r*d]
+        return reduce(q.norm(dim=2).amax(0), "max")
+    if metric == "wanda":
+        norms = _feature_norms(xs, reduce)  # [h]
+        return groups.float().abs().sum(1) @ norms
+    raise ValueError(f"unknown importance metric {metric!r}")
