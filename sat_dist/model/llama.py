@@ -208,6 +208,11 @@ class LlamaModel(nn.Module):
         self.output_layer = OutputLayer(vocab_local, cfg.hidden_size, cfg.vocab_size, comm)
         if cfg.tie_word_embeddings:
             self.output_layer.weight = self.embedding.weight
+        for name, p in self.named_parameters():
+            # Megatron's attributes: DeepSpeed's gradient norm counts a sharded parameter on
+            # every TP rank and a replicated one (the norms) only once.
+            if not name.endswith("layernorm.weight"):
+                p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
         self.reset_parameters()
 
     @torch.no_grad()

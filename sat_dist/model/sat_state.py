@@ -29,6 +29,8 @@ class SATState:
         self.forced: dict[tuple[int, str], torch.Tensor] = {}
         # (layer, kind) -> (kept, total) in this rank's partition at the last forward
         self.kept: dict[tuple[int, str], tuple[int, int]] = {}
+        # (layer, kind) -> local indices kept at the last forward (None: all)
+        self.selected: dict[tuple[int, str], Optional[torch.Tensor]] = {}
 
     def set_step(self, step: int, micro: int = 0, attn: float = 0.0, mlp: float = 0.0) -> None:
         self.step, self.micro = int(step), int(micro)
@@ -48,21 +50,24 @@ class SATState:
         forced = self.forced.get((layer, kind))
         if forced is not None:
             idx = self._local_forced(forced, n_local, device)
-            self.kept[(layer, kind)] = (idx.numel(), n_local)
-            return idx
+            return self._record(layer, kind, idx, idx.numel(), n_local)
         if self.cfg is None:
-            self.kept[(layer, kind)] = (n_local, n_local)
-            return None
+            return self._record(layer, kind, None, n_local, n_local)
         k = keep_count(n_local, self.rates[kind], self.align(kind))
-        self.kept[(layer, kind)] = (k, n_local)
         if k >= n_local:
-            return None
+            return self._record(layer, kind, None, n_local, n_local)
         # The micro-batch is part of the seed: each micro-batch selects afresh, and an
         # activation-recompute pass re-derives the very same selection.
-        gen = selection_generator(self.cfg.seed, self.step * 1000 + self.micro, layer,
+        gen = selection_generator(self.cfg.seed, self.step, self.micro, layer,
                                   self.comm.tp_rank, kind, device)
         scores = scores_fn(gen, self.cfg.token_stride)
-        return select_units(scores, k, self.cfg.selection, self.cfg.temperature, gen)
+        idx = select_units(scores, k, self.cfg.selection, self.cfg.temperature, gen)
+        return self._record(layer, kind, idx, k, n_local)
+
+    def _record(self, layer: int, kind: str, idx, k: int, n_local: int):
+        self.kept[(layer, kind)] = (k, n_local)
+        self.selected[(layer, kind)] = idx
+        return idx
 
     def _local_forced(self, forced: torch.Tensor, n_local: int, device) -> torch.Tensor:
         lo = self.comm.tp_rank * n_local

@@ -19,14 +19,15 @@ def keep_count(n: int, omission: float, align: int) -> int:
     return min(n, max(k, align))
 
 
-def selection_generator(seed: int, step: int, layer: int, tp_rank: int, kind: str,
+def selection_generator(seed: int, step: int, micro: int, layer: int, tp_rank: int, kind: str,
                         device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from (seed, step, layer, TP rank, kind), never global RNG state.
+    """A generator seeded from (seed, step, micro-batch, layer, TP rank, kind), never global
+    RNG state.
 
     Every rank holding a copy of the same partition builds the same generator, so all data-
     parallel replicas of a partition draw the same units.
     """
-    key = f"{seed}/{step}/{layer}/{tp_rank}/{kind}".encode()
+    key = f"{seed}/{step}/{micro}/{layer}/{tp_rank}/{kind}".encode()
     s = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & ((1 << 63) - 1)
     g = torch.Generator(device=device)
     g.manual_seed(s)

@@ -1,0 +1,212 @@
+"""Tokenizers behind one small interface: SentencePiece `tokenizer.model` or HF `tokenizer.json`.
+
+Deliberately free of torch and transformers, so `tools/preprocess_data.py` and its worker
+processes start in a fraction of a second. Everything here works offline.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+from sat_dist.errors import SatDistError
+
+# Names tried, in order, for a tokenizer.json that comes without a tokenizer_config.json.
+_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
+
+
+class Tokenizer:
+    """What the data pipeline needs from a tokenizer.
+
+    `encode` adds no BOS/EOS; document separators are the data pipeline's business.
+    `decode` drops special/control tokens (EOS, BOS), so decode(encode(t)) == t.
+    """
+
+    path: str
+    """File the tokenizer was loaded from (for messages)."""
+
+    vocab_size: int
+    """Number of token ids, special tokens included; every id is < vocab_size."""
+
+    eos_id: int
+    """End-of-document id, put between packed documents."""
+
+    bos_id: Optional[int]
+    """Beginning-of-sequence id, or None where the tokenizer has none."""
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, "
+                f"eos_id={self.eos_id}, bos_id={self.bos_id})")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model file (Llama-2's tokenizer.model, or one from train_sentencepiece)."""
+
+    def __init__(self, path: str | Path):
+        import sentencepiece as spm
+
+        self.path = str(path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        except (RuntimeError, OSError) as e:
+            raise SatDistError(f"tokenizer {self.path}: not a readable SentencePiece model "
+                               f"({_first_line(e)}); pass a valid tokenizer.model") from None
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.eos_id = int(self._sp.eos_id())
+        bos = int(self._sp.bos_id())
+        self.bos_id = bos if bos >= 0 else None
+        if self.eos_id < 0:
+            raise SatDistError(f"tokenizer {self.path}: the model defines no EOS id; "
+                               "retrain it with eos_id set (train_sentencepiece does)")
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face fast-tokenizer file (tokenizer.json), read with the `tokenizers` library.
+
+    EOS/BOS come from a tokenizer_config.json beside the file when there is one (that is
+    where transformers keeps them), else from the usual token names.
+    """
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _HFTok
+
+        self.path = str(path)
+        try:
+            self._tok = _HFTok.from_file(self.path)
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise SatDistError(f"tokenizer {self.path}: not a readable tokenizer.json "
+                               f"({_first_line(e)}); pass a valid tokenizer.json") from None
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        named = _special_tokens_from_config(Path(self.path).with_name("tokenizer_config.json"))
+        eos = self._find_id(named.get("eos_token"), _EOS_CANDIDATES)
+        if eos is None:
+            raise SatDistError(f"tokenizer {self.path}: cannot tell the EOS token; put a "
+                               "tokenizer_config.json with \"eos_token\" next to it")
+        self.eos_id = eos
+        self.bos_id = self._find_id(named.get("bos_token"), _BOS_CANDIDATES)
+
+    def _find_id(self, configured: Optional[str], candidates: tuple[str, ...]) -> Optional[int]:
+        for name in ((configured,) if configured else candidates):
+            tid = self._tok.token_to_id(name)
+            if tid is not None:
+                return int(tid)
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer file; a directory is searched for tokenizer.model, then tokenizer.json.
+
+    The backend is chosen by extension: .json is HF `tokenizers`, anything else SentencePiece.
+    """
+    p = Path(path)
+    if p.is_dir():
+        found = [p / n for n in ("tokenizer.model", "tokenizer.json") if (p / n).is_file()]
+        if not found:
+            raise SatDistError(f"tokenizer {p}: directory has no tokenizer.model or tokenizer.json")
+        p = found[0]
+    if not p.is_file():
+        raise SatDistError(f"tokenizer {p}: file not found; pass a tokenizer.model or tokenizer.json")
+    if p.suffix == ".json":
+        return HFTokenizer(p)
+    return SentencePieceTokenizer(p)
+
+
+def train_sentencepiece(
+    text_files: Iterable[str | Path],
+    out_prefix: str | Path,
+    vocab_size: int = 8000,
+    max_bytes: int = 5_000_000,
+    num_threads: int = 2,
+) -> Path:
+    """Train a Llama-style BPE SentencePiece model on the first `max_bytes` of `text_files`.
+
+    Byte fallback (no <unk> in practice), identity normalisation and kept whitespace make
+    decode(encode(t)) == t for any text, code included. Ids: unk=0, bos=1, eos=2, no pad
+    (Llama-2's layout). Writes `<out_prefix>.model` and returns its path. ~1 s for 5 MB.
+    """
+    import sentencepiece as spm
+
+    lines = _sample_lines(text_files, max_bytes)
+    if not lines:
+        raise SatDistError("train_sentencepiece: the text files hold no text; pass non-empty files")
+    out = Path(f"{out_prefix}.model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, character_coverage=0.9995,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_digits=True, allow_whitespace_only_pieces=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=num_threads, minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise SatDistError(f"train_sentencepiece: {_first_line(e)}; use a smaller vocab_size "
+                           "or more text") from None
+    out.write_bytes(proto.getvalue())
+    return out
+
+
+def _sample_lines(text_files: Iterable[str | Path], max_bytes: int) -> list[str]:
+    # SentencePiece trains on lines; empty ones carry nothing, newlines map to byte pieces.
+    lines, total = [], 0
+    for f in text_files:
+        if total >= max_bytes:
+            break
+        try:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                text = fh.read(max_bytes - total)  # characters, close enough to bytes here
+        except OSError as e:
+            raise SatDistError(f"train_sentencepiece: cannot read {f} ({e.strerror})") from None
+        total += len(text)
+        lines.extend(line for line in text.splitlines() if line)
+    return lines
+
+
+def _special_tokens_from_config(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    for key in ("eos_token", "bos_token"):
+        v = cfg.get(key)
+        # transformers writes either "</s>" or {"content": "</s>", ...}
+        if isinstance(v, dict):
+            v = v.get("content")
+        if isinstance(v, str):
+            out[key] = v
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+__all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer",
+           "train_sentencepiece"]

@@ -1,0 +1,134 @@
+"""Process groups from megatron-core's parallel_state, turned into the model's hooks.
+
+Layout (megatron-core's default order): consecutive global ranks form a tensor-parallel
+group; ranks with the same TP rank across those groups form a data-parallel group.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from sat_dist.errors import SatDistError
+from sat_dist.parallel.comm import ParallelComm, _cross_entropy
+
+
+def init_distributed(tp_size: int) -> ParallelComm:
+    """Join the job's process group (env:// from torchrun, deepspeed or srun) and build the
+    TP and DP groups. One process without launcher variables runs as world size 1."""
+    if not dist.is_initialized():
+        _env_from_slurm()
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    world = dist.get_world_size()
+    if tp_size < 1 or world % tp_size:
+        raise SatDistError(f"--tensor-model-parallel-size {tp_size} does not divide the world size {world}; "
+                           f"launch a multiple of {tp_size} processes")
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+    return comm_from_parallel_state()
+
+
+def comm_from_parallel_state() -> ParallelComm:
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import mappings, vocab_parallel_cross_entropy
+
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    dp_group = ps.get_data_parallel_group()
+    dp_size = ps.get_data_parallel_world_size()
+
+    def reduce_over_dp(t: torch.Tensor, op: str) -> torch.Tensor:
+        if dp_size == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=dp_group)
+        return t
+
+    comm = ParallelComm(
+        tp_size=tp_size,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        reduce_over_dp=reduce_over_dp,
+        dp_size=dp_size,
+        dp_rank=ps.get_data_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        dp_group=dp_group,
+    )
+    if tp_size > 1:
+        comm.copy_to_tp = mappings.copy_to_tensor_model_parallel_region
+        comm.reduce_from_tp = mappings.reduce_from_tensor_model_parallel_region
+        comm.vocab_cross_entropy = lambda logits, target: vocab_parallel_cross_entropy(logits.float(), target)
+    else:
+        comm.vocab_cross_entropy = _cross_entropy
+    return comm
+
+
+class MegatronMPU:
+    """The `mpu` DeepSpeed expects, over megatron-core's groups (their names differ)."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self._ps = ps
+
+    def get_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_data_parallel_rank(self):
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    # Some DeepSpeed code paths ask for the tensor-parallel names directly.
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+
+def destroy_distributed() -> None:
+    """Tear down groups; without destroy_process_group a rank now and then aborts at exit."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _env_from_slurm() -> None:
+    """Map srun's variables to env:// ones when no launcher set RANK."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        raise SatDistError("srun without MASTER_ADDR: export MASTER_ADDR (the first node) and MASTER_PORT "
+                           "in the batch script, as launch/slurm/*.sbatch do")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

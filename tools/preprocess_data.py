@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Tokenize text into megatron-core's indexed dataset, PREFIX.bin + PREFIX.idx.
+
+One document per text file, or per line of a JSONL file. Like Megatron-LM's
+tools/preprocess_data.py, with directories walked for code corpora:
+
+    python tools/preprocess_data.py --input /usr/lib/python3.11 --glob '*.py' \\
+        --tokenizer-model tokenizer.model --output-prefix data/stdlib --workers 8 --append-eod
+    python tools/preprocess_data.py --input corpus.jsonl --json-key text ...
+
+Output order is input order whatever --workers is. Existing output is replaced only once the
+new one is complete. Bad input: one line "error: ..." on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from fnmatch import fnmatch
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from sat_dist.data.indexed import IndexedDatasetWriter, token_dtype  # noqa: E402
+from sat_dist.data.tokenizer import load_tokenizer  # noqa: E402
+from sat_dist.errors import SatDistError  # noqa: E402
+
+EMPTY, UNDECODABLE = "empty", "undecodable"
+_worker = {}  # per-process: the tokenizer and settings, set by _init_worker
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="text files, JSONL files or directories (walked recursively, hidden "
+                        "entries skipped, files matching --glob)")
+    p.add_argument("--glob", default="*",
+                   help="file-name pattern for files found in directories, e.g. '*.py' (default *)")
+    p.add_argument("--json-key", default=None,
+                   help="read every input as JSONL and take this key's text; without it, "
+                        "*.jsonl files use the key 'text' and other files are plain text")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="SentencePiece tokenizer.model or HF tokenizer.json")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--append-eod", action="store_true", help="end every document with EOS")
+    p.add_argument("--skip-undecodable", action="store_true",
+                   help="skip text files that are not UTF-8 instead of failing")
+    return p.parse_args(argv)
+
+
+def find_inputs(inputs: list[str], pattern: str) -> list[Path]:
+    """Files named, plus files under directories matching the pattern, in sorted order."""
+    files = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [Path(root) / n for n in names if not n.startswith(".") and fnmatch(n, pattern)]
+            files += sorted(found)
+        else:
+            raise SatDistError(f"--input {raw}: no such file or directory")
+    if not files:
+        raise SatDistError(f"--input {' '.join(inputs)}: no files match --glob {pattern!r}")
+    return files
+
+
+def work_items(files: list[Path], json_key: str | None):
+    """Yield (kind, source, payload): one per text file, one per non-blank JSONL line."""
+    for f in files:
+        key = json_key or ("text" if f.suffix == ".jsonl" else None)
+        if key is None:
+            yield ("text", str(f), None)
+            continue
+        try:
+            with open(f, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if line.strip():
+                        yield ("json", f"{f}:{lineno}", (key, line))
+        except UnicodeDecodeError:
+            raise SatDistError(f"{f}: not UTF-8; JSONL input must be UTF-8") from None
+        except OSError as e:
+            raise SatDistError(f"{f}: cannot read ({e.strerror})") from None
+
+
+def batched(items, max_items: int, max_chars: int = 1 << 20):
+    batch, chars = [], 0
+    for item in items:
+        batch.append(item)
+        chars += len(item[2][1]) if item[2] else 0
+        if len(batch) >= max_items or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _init_worker(tokenizer_path: str, append_eod: bool, skip_undecodable: bool) -> None:
+    tok = load_tokenizer(tokenizer_path)
+    _worker.update(tok=tok, dtype=token_dtype(tok.vocab_size), eod=append_eod,
+                   skip=skip_undecodable)
+
+
+def _document_text(kind: str, source: str, payload) -> str | None:
+    if kind == "text":
+        try:
+            return Path(source).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            if _worker["skip"]:
+                return None
+            raise SatDistError(f"{source}: not UTF-8 text (byte {e.start}); remove it, narrow "
+                               "--glob, or pass --skip-undecodable") from None
+        except OSError as e:
+            raise SatDistError(f"{source}: cannot read ({e.strerror})") from None
+    key, line = payload
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SatDistError(f"{source}: bad JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict) or key not in record:
+        raise SatDistError(f"{source}: no key {key!r} in this JSON line; set --json-key")
+    if not isinstance(record[key], str):
+        raise SatDistError(f"{source}: {key!r} is {type(record[key]).__name__}, not a string")
+    return record[key]
+
+
+def _tokenize_batch(batch) -> list:
+    """Worker: each item becomes a token array, or EMPTY / UNDECODABLE when skipped."""
+    tok, out = _worker["tok"], []
+    for kind, source, payload in batch:
+        text = _document_text(kind, source, payload)
+        if text is None:
+            out.append(UNDECODABLE)
+        elif not text:
+            out.append(EMPTY)
+        else:
+            ids = tok.encode(text) + ([tok.eos_id] if _worker["eod"] else [])
+            out.append(_as_array(ids))
+    return out
+
+
+def _as_array(ids: list[int]):
+    import numpy as np
+
+    return np.asarray(ids, dtype=_worker["dtype"])
+
+
+def run(args: argparse.Namespace) -> str:
+    if args.workers < 1:
+        raise SatDistError(f"--workers: got {args.workers}; allowed: an integer >= 1")
+    files = find_inputs(args.input, args.glob)
+    _init_worker(args.tokenizer_model, args.append_eod, args.skip_undecodable)  # fail early
+    tok, dtype = _worker["tok"], _worker["dtype"]
+    any_jsonl = args.json_key is not None or any(f.suffix == ".jsonl" for f in files)
+    batches = batched(work_items(files, args.json_key), max_items=256 if any_jsonl else 8)
+
+    from tqdm import tqdm
+
+    skipped = collections.Counter()
+    t0 = time.time()
+    bar = tqdm(total=None if any_jsonl else len(files), unit="doc", disable=None, file=sys.stderr)
+    with IndexedDatasetWriter(args.output_prefix, dtype) as writer:
+        for results in _map_ordered(batches, args):
+            for r in results:
+                if isinstance(r, str):
+                    skipped[r] += 1
+                else:
+                    writer.add_document(r)
+            bar.update(len(results))
+            bar.set_postfix(tokens=writer.num_tokens, refresh=False)
+        bar.close()
+        if writer.num_documents == 0:
+            raise SatDistError(f"--input: all {sum(skipped.values())} documents are empty or "
+                               "skipped; nothing to write")
+        writer.finalize()
+    notes = ", ".join(f"{n} {why} skipped" for why, n in sorted(skipped.items()))
+    return (f"wrote {writer.prefix}.bin/.idx: {writer.num_documents} documents, "
+            f"{writer.num_tokens} tokens, {dtype.name}, vocab {tok.vocab_size}, eos {tok.eos_id}"
+            f"{'; ' + notes if notes else ''} ({time.time() - t0:.1f} s)")
+
+
+def _map_ordered(batches, args):
+    """Results of _tokenize_batch in input order, with a bounded number of batches in flight
+    (Pool.imap would read a huge JSONL into its queue as fast as it can)."""
+    if args.workers == 1:
+        yield from map(_tokenize_batch, batches)
+        return
+    import multiprocessing as mp
+
+    with mp.Pool(args.workers, _init_worker,
+                 (args.tokenizer_model, args.append_eod, args.skip_undecodable)) as pool:
+        pending = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_tokenize_batch, (batch,)))
+            if len(pending) >= 4 * args.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        print(run(args))
+    except SatDistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; existing output left unchanged", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
