@@ -23,6 +23,8 @@ import time
 from fnmatch import fnmatch
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from sat_dist.data.indexed import IndexedDatasetWriter, token_dtype  # noqa: E402
@@ -144,14 +146,8 @@ def _tokenize_batch(batch) -> list:
             out.append(EMPTY)
         else:
             ids = tok.encode(text) + ([tok.eos_id] if _worker["eod"] else [])
-            out.append(_as_array(ids))
+            out.append(np.asarray(ids, dtype=_worker["dtype"]))
     return out
-
-
-def _as_array(ids: list[int]):
-    import numpy as np
-
-    return np.asarray(ids, dtype=_worker["dtype"])
 
 
 def run(args: argparse.Namespace) -> str:
