@@ -67,7 +67,8 @@ def find_inputs(inputs: list[str], pattern: str) -> list[Path]:
             found = []
             for root, dirs, names in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [Path(root) / n for n in names if not n.startswith(".") and fnmatch(n, pattern)]
+                found += [Path(root) / n for n in names
+                          if not n.startswith(".") and fnmatch(n, pattern)]
             files += sorted(found)
         else:
             raise SatDistError(f"--input {raw}: no such file or directory")
@@ -84,12 +85,15 @@ def work_items(files: list[Path], json_key: str | None):
             yield ("text", str(f), None)
             continue
         try:
-            with open(f, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
+            with open(f, "rb") as fh:  # binary: records end at b"\n" only, as JSONL says
+                for lineno, raw in enumerate(fh, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise SatDistError(f"{f}:{lineno}: not UTF-8; JSONL must be "
+                                           "UTF-8") from None
                     if line.strip():
                         yield ("json", f"{f}:{lineno}", (key, line))
-        except UnicodeDecodeError:
-            raise SatDistError(f"{f}: not UTF-8; JSONL input must be UTF-8") from None
         except OSError as e:
             raise SatDistError(f"{f}: cannot read ({e.strerror})") from None
 
@@ -115,7 +119,8 @@ def _init_worker(tokenizer_path: str, append_eod: bool, skip_undecodable: bool) 
 def _document_text(kind: str, source: str, payload) -> str | None:
     if kind == "text":
         try:
-            return Path(source).read_text(encoding="utf-8")
+            # bytes, then decode: read_text would turn \r\n into \n and change the document
+            return Path(source).read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
             if _worker["skip"]:
                 return None

@@ -146,8 +146,8 @@ class IndexedDatasetReader:
             raise SatDistError(f"{self.idx_path}: sequence offsets disagree with the lengths: "
                                f"corrupt index; {_REDO}")
         self.num_tokens = int(seq_starts[-1])
+        # the only per-document array kept: 8 bytes a document
         self.doc_bounds = seq_starts[doc_index]  # [documents + 1] token offsets
-        self.sequence_lengths = lengths
 
         expected = self.num_tokens * self.dtype.itemsize
         actual = os.path.getsize(self.bin_path)

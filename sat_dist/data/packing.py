@@ -42,28 +42,28 @@ class TokenStream:
         self.reader = reader
         self.eos_id = int(eos_id)
         bounds = reader.doc_bounds
-        self._doc_lengths = np.diff(bounds)  # [docs]
+        lengths = np.diff(bounds)  # [docs]
         last = reader.tokens[np.maximum(bounds[1:] - 1, 0)]  # [docs]; garbage for empty docs
-        has_eos = (self._doc_lengths > 0) & (last == self.eos_id)
+        has_eos = (lengths > 0) & (last == self.eos_id)
         # stream offset where each document starts, plus the end: [docs + 1]
         self._starts = np.zeros(len(reader) + 1, dtype=np.int64)
-        np.cumsum(self._doc_lengths + (~has_eos), out=self._starts[1:])
+        np.cumsum(lengths + (~has_eos), out=self._starts[1:])
         self.num_tokens = int(self._starts[-1])
 
     def read(self, start: int, count: int) -> np.ndarray:
         """stream[start : start + count] as int64: [count]."""
         if start < 0 or start + count > self.num_tokens:
-            raise IndexError(f"stream range [{start}, {start + count}) outside [0, {self.num_tokens})")
+            raise IndexError(f"stream range [{start}, {start + count}) outside "
+                             f"[0, {self.num_tokens})")
         out = np.empty(count, dtype=np.int64)
         doc = int(np.searchsorted(self._starts, start, side="right")) - 1
         pos, filled = start, 0
         while filled < count:
-            offset = pos - self._starts[doc]
-            length = self._doc_lengths[doc]
-            if offset < length:
-                n = int(min(length - offset, count - filled))
-                first = self.reader.doc_bounds[doc] + offset
-                out[filled:filled + n] = self.reader.tokens[first:first + n]
+            offset = int(pos - self._starts[doc])
+            first, end = (int(b) for b in self.reader.doc_bounds[doc:doc + 2])
+            if offset < end - first:
+                n = min(end - first - offset, count - filled)
+                out[filled:filled + n] = self.reader.tokens[first + offset:first + offset + n]
             else:  # the EOS we insert after this document
                 n = 1
                 out[filled] = self.eos_id
@@ -127,7 +127,8 @@ class PackedDataset:
         return range(start, start + per_rank)
 
     def step_batches(self, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
-                     dp_rank: int = 0, dp_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     dp_rank: int = 0, dp_size: int = 1
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of one optimizer step: (input_ids, labels), each a
         LongTensor [micro_batch_size, seq_length]. After the step, consumed_samples grows by
         global_batch_size, whatever the DP size.
@@ -188,7 +189,8 @@ def build_packed_datasets(prefix: str | Path, seq_length: int, eos_id: int, seed
         if hi == lo:
             raise SatDistError(f"data: the {name} split of {prefix} gets 0 of {total} samples "
                                f"({stream.num_tokens} tokens, seq_length {seq_length}); use more "
-                               f"data, a shorter seq_length, or a larger {name} weight in the split")
+                               f"data, a shorter seq_length, or a larger {name} weight in "
+                               "the split")
         out[name] = PackedDataset(stream, seq_length, lo, hi - lo, seed, i, name)
     return out
 

@@ -126,7 +126,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise SatDistError(f"tokenizer {p}: directory has no tokenizer.model or tokenizer.json")
         p = found[0]
     if not p.is_file():
-        raise SatDistError(f"tokenizer {p}: file not found; pass a tokenizer.model or tokenizer.json")
+        raise SatDistError(f"tokenizer {p}: file not found; pass a tokenizer.model or "
+                           "tokenizer.json")
     if p.suffix == ".json":
         return HFTokenizer(p)
     return SentencePieceTokenizer(p)

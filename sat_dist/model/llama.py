@@ -49,6 +49,12 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int, align_mlp: int = 1) -> None
                            f"{cfg.padded_vocab_size(tp)}; change make_vocab_size_divisible_by")
 
 
+def _init_weight(*shape: int, std: float) -> nn.Parameter:
+    # Initialised in the owning module's constructor: under DeepSpeed's zero.Init a module's
+    # parameters are partitioned as soon as its constructor returns.
+    return nn.Parameter(torch.empty(*shape).normal_(0.0, std))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, h: int, eps: float):
         super().__init__()
@@ -83,8 +89,9 @@ class SATAttention(nn.Module):
         self.h, self.d, self.r = cfg.hidden_size, cfg.head_dim, cfg.heads_per_group
         self.groups = cfg.num_query_groups // comm.tp_size
         self.layer, self.sat, self.comm, self.theta = layer, sat, comm, cfg.rope_theta
-        self.qkv_weight = nn.Parameter(torch.empty(self.groups * (self.r + 2) * self.d, self.h))
-        self.proj_weight = nn.Parameter(torch.empty(self.groups * self.r * self.d, self.h))
+        std = cfg.init_method_std
+        self.qkv_weight = _init_weight(self.groups * (self.r + 2) * self.d, self.h, std=std)
+        self.proj_weight = _init_weight(self.groups * self.r * self.d, self.h, std=std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
         b, s, h = x.shape
@@ -120,8 +127,8 @@ class SATMLP(nn.Module):
         super().__init__()
         self.h, self.f = cfg.hidden_size, cfg.ffn_hidden_size // comm.tp_size
         self.layer, self.sat, self.comm = layer, sat, comm
-        self.fc1_weight = nn.Parameter(torch.empty(2 * self.f, self.h))
-        self.fc2_weight = nn.Parameter(torch.empty(self.f, self.h))
+        self.fc1_weight = _init_weight(2 * self.f, self.h, std=cfg.init_method_std)
+        self.fc2_weight = _init_weight(self.f, self.h, std=cfg.init_method_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
         fc1_w, fc2_w = self.fc1_weight, self.fc2_weight
@@ -157,11 +164,11 @@ class DecoderLayer(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose rows (vocabulary) are split over TP ranks."""
 
-    def __init__(self, vocab_local: int, h: int, comm: ParallelComm):
+    def __init__(self, vocab_local: int, h: int, comm: ParallelComm, std: float):
         super().__init__()
         self.comm = comm
         self.start = comm.tp_rank * vocab_local
-        self.weight = nn.Parameter(torch.empty(vocab_local, h))
+        self.weight = _init_weight(vocab_local, h, std=std)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [b, s]
         if self.comm.tp_size == 1:
@@ -177,10 +184,10 @@ class OutputLayer(nn.Module):
     """LM head, column-parallel over the vocabulary; padded vocabulary entries are masked
     out of the softmax so that the loss equals an unpadded model's."""
 
-    def __init__(self, vocab_local: int, h: int, vocab_size: int, comm: ParallelComm):
+    def __init__(self, vocab_local: int, h: int, vocab_size: int, comm: ParallelComm, std: float):
         super().__init__()
         self.comm = comm
-        self.weight = nn.Parameter(torch.empty(vocab_local, h))
+        self.weight = _init_weight(vocab_local, h, std=std)
         self.valid = max(0, min(vocab_local, vocab_size - comm.tp_rank * vocab_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h] -> [b, s, V/tp]
@@ -202,10 +209,11 @@ class LlamaModel(nn.Module):
         check_tensor_parallel(cfg, comm.tp_size, sat.align("mlp"))
         self.cfg, self.sat, self.comm, self.recompute = cfg, sat, comm, recompute
         vocab_local = cfg.padded_vocab_size(comm.tp_size) // comm.tp_size
-        self.embedding = VocabParallelEmbedding(vocab_local, cfg.hidden_size, comm)
+        std = cfg.init_method_std
+        self.embedding = VocabParallelEmbedding(vocab_local, cfg.hidden_size, comm, std)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, sat, comm) for i in range(cfg.num_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.output_layer = OutputLayer(vocab_local, cfg.hidden_size, cfg.vocab_size, comm)
+        self.output_layer = OutputLayer(vocab_local, cfg.hidden_size, cfg.vocab_size, comm, std)
         if cfg.tie_word_embeddings:
             self.output_layer.weight = self.embedding.weight
         for name, p in self.named_parameters():
@@ -213,15 +221,6 @@ class LlamaModel(nn.Module):
             # every TP rank and a replicated one (the norms) only once.
             if not name.endswith("layernorm.weight"):
                 p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, self.cfg.init_method_std, generator=generator)
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embedding(ids)  # [b, s, h]

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""SAT continual pre-training of Llama models.
+
+  deepspeed launch/pretrain.py --ds_config configs/ds_zero3.json [flags]
+  torchrun --nproc-per-node N launch/pretrain.py [flags]
+  srun python launch/pretrain.py [flags]        (see launch/slurm/)
+
+With no flags it trains the embedded default: a tiny Llama on the Python standard library,
+with SAT on, writing TensorBoard events and a checkpoint under runs/default/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from sat_dist.errors import SatDistError  # noqa: E402
+
+DEFAULT_RUN = Path("runs/default")
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the deepspeed launcher does not set it
+    # DeepSpeed calls torch.distributed's old collective names every step; not ours to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    try:
+        return _run(argv)
+    except SatDistError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:  # a full disk, a vanished directory: one line, not a traceback
+        print(f"error: {e.strerror or e} ({e.filename or 'I/O'})", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        try:
+            from sat_dist.parallel.state import destroy_distributed
+
+            destroy_distributed()
+        except Exception:
+            pass
+
+
+def _run(argv) -> int:
+    from sat_dist.train.arguments import load_model_config, parse_args
+
+    run = parse_args(argv)
+    t = run.train
+    default_job = t.data_path is None
+    if default_job:
+        # The embedded default: its own data, TensorBoard and checkpoints under runs/default.
+        t.tensorboard_dir = t.tensorboard_dir or str(DEFAULT_RUN / "tensorboard")
+        t.save = t.save or str(DEFAULT_RUN / "checkpoints")
+        if t.load is None and (Path(t.save) / "latest").is_file():
+            t.load = t.save  # run it again: it resumes (or says it is done)
+
+    import torch.distributed as dist
+
+    from sat_dist.checkpoint.hf import load_hf_checkpoint
+    from sat_dist.data.packing import build_packed_datasets
+    from sat_dist.data.tokenizer import load_tokenizer
+    from sat_dist.parallel.state import init_distributed
+    from sat_dist.train.engine import build_engine
+    from sat_dist.train.loop import train
+
+    # Cheap checks first, before any process group or data preparation.
+    hf_sd = None
+    if t.hf_checkpoint:
+        model_cfg, hf_sd = load_hf_checkpoint(t.hf_checkpoint)
+    else:
+        model_cfg = load_model_config(run.model_config_path)
+    comm = init_distributed(t.tensor_model_parallel_size)
+    rank0 = dist.get_rank() == 0
+    log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
+
+    if default_job:
+        from sat_dist.data.default_corpus import prepare_default_data
+
+        if rank0:
+            prepare_default_data(DEFAULT_RUN / "data", log)
+        dist.barrier()
+        t.data_path, t.tokenizer_model = prepare_default_data(DEFAULT_RUN / "data", log)
+    tok = load_tokenizer(t.tokenizer_model)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise SatDistError(f"--tokenizer-model {t.tokenizer_model} has {tok.vocab_size} tokens, more than the "
+                           f"model's vocab_size {model_cfg.vocab_size}; use the model's tokenizer or a "
+                           f"model config with vocab_size >= {tok.vocab_size}")
+    datasets = build_packed_datasets(t.data_path, t.seq_length, tok.eos_id, t.seed, t.split,
+                                     vocab_size=model_cfg.vocab_size)
+    log(f"model {model_cfg.name}: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
+        f"ffn {model_cfg.ffn_hidden_size}, heads {model_cfg.num_attention_heads}/{model_cfg.num_query_groups} | "
+        f"TP {comm.tp_size} x DP {comm.dp_size} | SAT {run.sat.schedule} metric={run.sat.metric} "
+        f"selection={run.sat.selection} omission attn/mlp={run.sat.omission_attn}/{run.sat.omission_mlp}")
+    eng = build_engine(model_cfg, run.sat, t, comm, hf_sd)
+    train(run, eng, comm, model_cfg, datasets, log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""DeepSpeed engine over the data-parallel group: ZeRO, optimizer, LR schedule, weights in.
+
+The DeepSpeed JSON keeps what is DeepSpeed's (ZeRO stage, offload, communication); batch
+sizes, clipping, bf16 and AdamW settings come from the flags, as in Megatron-LM. A JSON
+value that contradicts a flag is an error rather than a silent choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from sat_dist.config import ModelConfig, SATConfig
+from sat_dist.errors import SatDistError
+from sat_dist.model.llama import LlamaModel, check_tensor_parallel
+from sat_dist.model.sat_state import SATState
+from sat_dist.parallel.comm import ParallelComm
+from sat_dist.parallel.state import MegatronMPU
+from sat_dist.train.arguments import TrainConfig
+from sat_dist.train.lr import lr_at
+
+DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 3}}
+
+
+def load_ds_config(path: Optional[str]) -> dict:
+    if path is None:
+        return copy.deepcopy(DEFAULT_DS_CONFIG)
+    f = Path(path)
+    if not f.is_file():
+        raise SatDistError(f"--ds_config {path}: file not found")
+    try:
+        cfg = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise SatDistError(f"--ds_config {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}")
+    if not isinstance(cfg, dict):
+        raise SatDistError(f"--ds_config {path}: expected a JSON object")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise SatDistError(f"--ds_config {path}: zero_optimization.stage: got {stage!r}; allowed: 0, 1, 2, 3")
+    return cfg
+
+
+def fill_ds_config(ds: dict, t: TrainConfig, dp_size: int, where: str) -> dict:
+    """Set the keys the flags own; refuse contradictions."""
+    ds = copy.deepcopy(ds)
+    gbs = t.global_batch_size or t.micro_batch_size * dp_size
+    if gbs % (t.micro_batch_size * dp_size):
+        raise SatDistError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size "
+                           f"{t.micro_batch_size} x data-parallel size {dp_size}")
+    owned = {
+        "train_batch_size": gbs,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gbs // (t.micro_batch_size * dp_size),
+        # DeepSpeed clips at 1.0 when unset: always set it explicitly.
+        "gradient_clipping": t.clip_grad,
+    }
+    for key, value in owned.items():
+        mine = ds.get(key, "auto")
+        if mine != "auto" and mine != value:
+            raise SatDistError(f"--ds_config {where}: {key}={mine} contradicts the flags ({value}); "
+                               f"remove it from the JSON or set it to \"auto\"")
+        ds[key] = value
+    if ds.get("fp16", {}).get("enabled"):
+        raise SatDistError(f"--ds_config {where}: fp16 is not supported; use --bf16")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bool(t.bf16)}
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        raise SatDistError(f"--ds_config {where}: optimizer.type {opt.get('type')!r}; allowed: AdamW")
+    params = opt.setdefault("params", {})
+    params.update(lr=t.lr, betas=[t.adam_beta1, t.adam_beta2], eps=t.adam_eps, weight_decay=t.weight_decay)
+    opt["type"] = "AdamW"
+    if not torch.cuda.is_available():
+        params["torch_adam"] = True  # FusedAdam needs CUDA
+    if params.get("torch_adam"):
+        params.setdefault("adam_w_mode", True)
+    ds.pop("scheduler", None)  # the LR schedule is ours (warmup + decay by flags)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+@dataclass
+class Engine:
+    engine: object
+    """The DeepSpeedEngine (call it like the model; .backward, .step)."""
+    model: LlamaModel
+    """The module inside the engine."""
+    sat: SATState
+    ds_config: dict
+    grad_accum: int
+
+
+def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, comm: ParallelComm,
+                 hf_state_dict: Optional[dict] = None) -> Engine:
+    import deepspeed
+
+    ds = fill_ds_config(load_ds_config(t.ds_config), t, comm.dp_size, t.ds_config or "(default)")
+    check_tensor_parallel(model_cfg, comm.tp_size, sat_cfg.align_mlp)
+    sat = SATState(sat_cfg, comm)
+    stage3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
+    # Same seed on every DP replica of a TP partition (ZeRO-3 keeps one rank's init); a
+    # different one per TP rank so that shards are not copies of each other.
+    torch.manual_seed(t.seed + 1009 * comm.tp_rank)
+    with deepspeed.zero.Init(data_parallel_group=comm.dp_group, config_dict_or_path=ds, enabled=stage3,
+                             mpu=MegatronMPU()):
+        model = LlamaModel(model_cfg, sat, comm, recompute=t.recompute_activations)
+    if hf_state_dict is not None:
+        from sat_dist.checkpoint.hf import shard_hf_state_dict
+
+        load_local_weights(model, shard_hf_state_dict(hf_state_dict, model_cfg, comm.tp_size, comm.tp_rank),
+                           comm, stage3)
+    decay = [p for n, p in model.named_parameters() if not n.endswith("layernorm.weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("layernorm.weight")]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_at(step, t.lr, t.min_lr, t.lr_warmup_iters, t.train_iters,
+                                          t.lr_decay_style) / t.lr if t.lr > 0 else 0.0)
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
+                                           lr_scheduler=schedule, mpu=MegatronMPU(),
+                                           dist_init_required=False)
+    return Engine(engine, model, sat, ds, ds["gradient_accumulation_steps"])
+
+
+@torch.no_grad()
+def load_local_weights(model: LlamaModel, local: dict[str, torch.Tensor], comm: ParallelComm,
+                       stage3: bool) -> None:
+    """Write a TP rank's local tensors into the (possibly ZeRO-3 partitioned) model."""
+    import deepspeed
+
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(local))
+    if missing:
+        raise SatDistError(f"weights: missing {missing[0]} (and {len(missing) - 1} more)")
+    # ZeRO-3 keeps writes made on the modifier rank, which must be a global rank inside this
+    # DP group (pitfall: modifier_rank=None silently drops the write).
+    src = dist.get_global_rank(comm.dp_group, 0) if comm.dp_group is not None else 0
+    for name, p in params.items():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=src, enabled=stage3):
+            if not stage3 or dist.get_rank() == src:
+                if tuple(p.shape) != tuple(local[name].shape):
+                    raise SatDistError(f"weights: {name} has shape {tuple(local[name].shape)}, "
+                                       f"the model expects {tuple(p.shape)}")
+                p.copy_(local[name].to(p.dtype))
+
+
+@torch.no_grad()
+def gather_local_weights(model: LlamaModel, stage3: bool) -> dict[str, torch.Tensor]:
+    """This TP rank's full local tensors (ZeRO-3 partitions gathered over DP), on CPU, fp32.
+    A collective: every rank of the DP group must call it."""
+    import deepspeed
+
+    out = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=stage3):
+            out[name] = p.detach().float().cpu().clone()
+    return out

@@ -1,0 +1,48 @@
+"""Throughput accounting (Megatron-LM's model FLOPs) and the TensorBoard writer."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from sat_dist.config import ModelConfig
+
+
+def model_flops(cfg: ModelConfig, batch: int, seq: int, attn_keep: float = 1.0,
+                mlp_keep: float = 1.0) -> float:
+    """FLOPs of one forward+backward of `batch` sequences of `seq` tokens.
+
+    With keeps of 1 this is Megatron-LM's formula (causal attention counted half):
+      B*s*6*[L*(h*(q+2kv) + q*h) + 3*L*h*ffn + h*V] + B*s^2*6*q*L.
+    attn_keep / mlp_keep (kept fraction of attention units / MLP channels, averaged over
+    layers) give the FLOPs SAT actually executes: the projections and the attention scores
+    of omitted units are not computed; the LM head always is.
+    """
+    h, L, V = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_query_groups * cfg.head_dim
+    attn_proj = L * (h * (q + 2 * kv) + q * h) * attn_keep
+    mlp = 3 * L * h * cfg.ffn_hidden_size * mlp_keep
+    dense_tokens = batch * seq * 6 * (attn_proj + mlp + h * V)
+    return dense_tokens + batch * seq * seq * 6 * q * L * attn_keep
+
+
+class TensorBoardLog:
+    """Scalars written by exactly one rank (the others hold a disabled instance)."""
+
+    def __init__(self, log_dir: Optional[str], enabled: bool):
+        self.writer = None
+        if enabled and log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=log_dir)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for tag, v in values.items():
+            self.writer.add_scalar(tag, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
