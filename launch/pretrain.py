@@ -60,8 +60,7 @@ def _run(argv) -> int:
     import torch.distributed as dist
 
     from sat_dist.checkpoint.hf import load_hf_checkpoint
-    from sat_dist.data.packing import build_packed_datasets
-    from sat_dist.data.tokenizer import load_tokenizer
+    from sat_dist.checkpoint.state import check_resume, check_save_dir
     from sat_dist.parallel.state import init_distributed
     from sat_dist.train.engine import build_engine
     from sat_dist.train.loop import train
@@ -72,10 +71,11 @@ def _run(argv) -> int:
         model_cfg, hf_sd = load_hf_checkpoint(t.hf_checkpoint)
     else:
         model_cfg = load_model_config(run.model_config_path)
+    if not default_job:
+        datasets = _open_data(t, model_cfg)  # bad data fails here, before any process starts work
     comm = init_distributed(t.tensor_model_parallel_size)
     rank0 = dist.get_rank() == 0
     log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
-
     if default_job:
         from sat_dist.data.default_corpus import prepare_default_data
 
@@ -83,20 +83,29 @@ def _run(argv) -> int:
             prepare_default_data(DEFAULT_RUN / "data", log)
         dist.barrier()
         t.data_path, t.tokenizer_model = prepare_default_data(DEFAULT_RUN / "data", log)
+        datasets = _open_data(t, model_cfg)
+    log(f"model {model_cfg.name}: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
+        f"ffn {model_cfg.ffn_hidden_size}, heads {model_cfg.num_attention_heads}/{model_cfg.num_query_groups} | "
+        f"TP {comm.tp_size} x DP {comm.dp_size} | SAT {run.sat.schedule} metric={run.sat.metric} "
+        f"selection={run.sat.selection} omission attn/mlp={run.sat.omission_attn}/{run.sat.omission_mlp}")
+    check_save_dir(t.save, t.load)
+    resume = check_resume(t.load, comm, model_cfg) if t.load else None
+    eng = build_engine(model_cfg, run.sat, t, comm, hf_sd if resume is None else None)
+    train(run, eng, comm, model_cfg, datasets, resume, log)
+    return 0
+
+
+def _open_data(t, model_cfg):
+    from sat_dist.data.packing import build_packed_datasets
+    from sat_dist.data.tokenizer import load_tokenizer
+
     tok = load_tokenizer(t.tokenizer_model)
     if tok.vocab_size > model_cfg.vocab_size:
         raise SatDistError(f"--tokenizer-model {t.tokenizer_model} has {tok.vocab_size} tokens, more than the "
                            f"model's vocab_size {model_cfg.vocab_size}; use the model's tokenizer or a "
                            f"model config with vocab_size >= {tok.vocab_size}")
-    datasets = build_packed_datasets(t.data_path, t.seq_length, tok.eos_id, t.seed, t.split,
-                                     vocab_size=model_cfg.vocab_size)
-    log(f"model {model_cfg.name}: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
-        f"ffn {model_cfg.ffn_hidden_size}, heads {model_cfg.num_attention_heads}/{model_cfg.num_query_groups} | "
-        f"TP {comm.tp_size} x DP {comm.dp_size} | SAT {run.sat.schedule} metric={run.sat.metric} "
-        f"selection={run.sat.selection} omission attn/mlp={run.sat.omission_attn}/{run.sat.omission_mlp}")
-    eng = build_engine(model_cfg, run.sat, t, comm, hf_sd)
-    train(run, eng, comm, model_cfg, datasets, log)
-    return 0
+    return build_packed_datasets(t.data_path, t.seq_length, tok.eos_id, t.seed, t.split,
+                                 vocab_size=model_cfg.vocab_size)
 
 
 if __name__ == "__main__":

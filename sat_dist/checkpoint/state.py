@@ -102,8 +102,9 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
     return d / tag
 
 
-def load_checkpoint(engine, ckpt_dir: str, comm: ParallelComm, model_cfg: ModelConfig) -> dict:
-    """Resume engine state from `latest`; returns the manifest."""
+def check_resume(ckpt_dir: str, comm: ParallelComm, model_cfg: ModelConfig) -> tuple[str, dict]:
+    """(tag, manifest) of the checkpoint --load resumes; one clear error if it cannot.
+    Reads only the manifest: call it before building the engine."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise SatDistError(f"--load {ckpt_dir}: no such directory")
@@ -127,11 +128,15 @@ def load_checkpoint(engine, ckpt_dir: str, comm: ParallelComm, model_cfg: ModelC
         raise SatDistError(f"--load {ckpt_dir}: checkpoint {tag} was saved with data-parallel size "
                            f"{m['data_parallel_size']}, this run has {comm.dp_size}; launch "
                            f"{m['data_parallel_size'] * comm.tp_size} processes")
-    path, client = engine.load_checkpoint(str(d), tag=tag)
+    return tag, m
+
+
+def restore_checkpoint(engine, ckpt_dir: str, tag: str) -> None:
+    """Load model, optimizer, LR schedule and RNG states of `tag` into the engine."""
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise SatDistError(f"--load {ckpt_dir}: DeepSpeed could not read {tag}")
-    _set_rng_state(client.get("rng"))
-    return m
+    _set_rng_state((client or {}).get("rng"))
 
 
 def _shape_fields(cfg: ModelConfig) -> dict:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from sat_dist.checkpoint.state import check_save_dir, load_checkpoint, save_checkpoint
+from sat_dist.checkpoint.state import restore_checkpoint, save_checkpoint
 from sat_dist.config import ModelConfig
 from sat_dist.data.packing import PackedDataset
 from sat_dist.errors import SatDistError
@@ -80,7 +80,9 @@ def evaluate(eng: Engine, valid: PackedDataset, run: RunConfig, comm: ParallelCo
 
 
 def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
-          datasets: dict[str, PackedDataset], log=print) -> Progress:
+          datasets: dict[str, PackedDataset], resume: Optional[tuple[str, dict]] = None,
+          log=print) -> Progress:
+    """Train to --train-iters (or --exit-interval); `resume` is check_resume()'s (tag, manifest)."""
     t = run.train
     rank0 = dist.get_rank() == 0
     dev = _device()
@@ -88,9 +90,9 @@ def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfi
     stage3 = eng.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     schedule = OmissionSchedule(run.sat, t.train_iters)
     p = Progress()
-    check_save_dir(t.save, t.load)
-    if t.load:
-        m = load_checkpoint(eng.engine, t.load, comm, model_cfg)
+    if resume is not None:
+        tag, m = resume
+        restore_checkpoint(eng.engine, t.load, tag)
         p.iteration, p.consumed_samples = m["iteration"], m["consumed_samples"]
         if m["sat_schedule"] != schedule.state_dict() and rank0:
             log(f"note: keeping the checkpoint's SAT schedule {m['sat_schedule']} over the flags' "
@@ -104,6 +106,9 @@ def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfi
     peak = H100_PEAK_BF16 if torch.cuda.is_available() else None
     interval_start, interval_steps = time.perf_counter(), 0
     start_iter = p.iteration
+    if p.iteration >= last and rank0:
+        log(f"nothing to train: the checkpoint is at iteration {p.iteration} of {last}; raise "
+            f"--train-iters to continue")
 
     def save():
         save_checkpoint(eng.engine, eng.model, t.save, p.iteration, p.consumed_samples, comm, model_cfg,
@@ -172,7 +177,7 @@ def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfi
         if t.save and t.save_interval and p.iteration % t.save_interval == 0 and p.iteration < last:
             save()
 
-    if p.iteration > start_iter or not t.load:
+    if p.iteration > start_iter or resume is None:
         if valid_ds is not None:
             _log_validation(eng, valid_ds, run, comm, p, tb, rank0, log)
         if t.save:
