@@ -99,6 +99,7 @@ def work_items(files: list[Path], json_key: str | None):
 
 
 def batched(items, max_items: int, max_chars: int = 1 << 20):
+    # Several documents per task, so the pickling round trip is paid per batch, not per line.
     batch, chars = [], 0
     for item in items:
         batch.append(item)

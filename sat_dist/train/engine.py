@@ -100,6 +100,9 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
                  hf_state_dict: Optional[dict] = None) -> Engine:
     import deepspeed
 
+    # DeepSpeed's own comm layer must wrap the process group we made, or its config code
+    # silently falls back to a world size of 1.
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
     ds = fill_ds_config(load_ds_config(t.ds_config), t, comm.dp_size, t.ds_config or "(default)")
     check_tensor_parallel(model_cfg, comm.tp_size, sat_cfg.align_mlp)
     sat = SATState(sat_cfg, comm)
