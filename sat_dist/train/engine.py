@@ -104,8 +104,8 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     # silently falls back to a world size of 1.
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     ds = fill_ds_config(load_ds_config(t.ds_config), t, comm.dp_size, t.ds_config or "(default)")
-    check_tensor_parallel(model_cfg, comm.tp_size, sat_cfg.align_mlp)
-    sat = SATState(sat_cfg, comm)
+    sat = SATState(sat_cfg if sat_cfg.schedule != "dense" else None, comm)  # dense: SAT off
+    check_tensor_parallel(model_cfg, comm.tp_size, sat.align("mlp"))
     stage3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
     # Same seed on every DP replica of a TP partition (ZeRO-3 keeps one rank's init); a
     # different one per TP rank so that shards are not copies of each other.
@@ -143,16 +143,20 @@ def load_local_weights(model: LlamaModel, local: dict[str, torch.Tensor], comm: 
     missing = sorted(set(params) - set(local))
     if missing:
         raise SatDistError(f"weights: missing {missing[0]} (and {len(missing) - 1} more)")
-    # ZeRO-3 keeps writes made on the modifier rank, which must be a global rank inside this
-    # DP group (pitfall: modifier_rank=None silently drops the write).
-    src = dist.get_global_rank(comm.dp_group, 0) if comm.dp_group is not None else 0
+    # DeepSpeed 0.19 reads modifier_rank as a rank WITHIN the parameter's DP group (it maps
+    # it to a global rank itself); older notes say global. Either way a wrong reading drops
+    # or scrambles the write silently, so every write is read back and checked below.
     for name, p in params.items():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=src, enabled=stage3):
-            if not stage3 or dist.get_rank() == src:
-                if tuple(p.shape) != tuple(local[name].shape):
-                    raise SatDistError(f"weights: {name} has shape {tuple(local[name].shape)}, "
-                                       f"the model expects {tuple(p.shape)}")
+        if tuple(p.ds_shape if stage3 else p.shape) != tuple(local[name].shape):
+            raise SatDistError(f"weights: {name} has shape {tuple(local[name].shape)}, "
+                               f"the model expects {tuple(p.ds_shape if stage3 else p.shape)}")
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=stage3):
+            if not stage3 or comm.dp_rank == 0:
                 p.copy_(local[name].to(p.dtype))
+        with deepspeed.zero.GatheredParameters([p], enabled=stage3):
+            if not torch.equal(p.detach().cpu(), local[name].to(p.dtype)):
+                raise SatDistError(f"weights: writing {name} into the ZeRO-3 partitions did not take "
+                                   f"(DeepSpeed {deepspeed.__version__}); please report this")
 
 
 @torch.no_grad()
