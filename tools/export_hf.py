@@ -3,8 +3,8 @@
 
   python tools/export_hf.py --load CKPT_DIR [--iteration N] --output HF_DIR [--dtype bf16]
 
-Reads the manifest and the per-TP-rank weight files (model_tpXX.pt) the trainer writes with
-every checkpoint; DeepSpeed's zero_to_fp32 cannot undo tensor parallelism.
+Reads the manifest and the per-rank state files the trainer writes (weights by name, in the
+model's layout); DeepSpeed's zero_to_fp32 cannot undo tensor parallelism.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def export(load: str, output: str, iteration: int | None = None, dtype: str = "f
     import torch
 
     from sat_dist.checkpoint.hf import merge_tp_state_dicts, save_hf_checkpoint
-    from sat_dist.checkpoint.state import MANIFEST, latest_complete_tag, read_manifest, tag_of
+    from sat_dist.checkpoint.state import MANIFEST, latest_complete_tag, read_manifest, state_file, tag_of
     from sat_dist.config import ModelConfig
 
     d = Path(load)
@@ -35,13 +35,14 @@ def export(load: str, output: str, iteration: int | None = None, dtype: str = "f
         raise SatDistError(f"--load {load}: no complete checkpoint {'(no latest)' if tag is None else tag}")
     m = read_manifest(d, tag)
     cfg = ModelConfig(**m["model"])
-    tp = m["tensor_model_parallel_size"]
-    shards = []
-    for r in range(tp):
-        f = d / tag / f"model_tp{r:02d}.pt"
-        if not f.is_file():
-            raise SatDistError(f"--load {load}: {f.name} missing in {tag}; the checkpoint is incomplete")
-        shards.append(torch.load(f, map_location="cpu", weights_only=True))
+    shards = [{} for _ in range(m["tensor_model_parallel_size"])]
+    for r, shard in enumerate(shards):
+        for dp in range(m["data_parallel_size"]):
+            f = d / tag / state_file(r, dp)
+            if not f.is_file():
+                raise SatDistError(f"--load {load}: {f.name} missing in {tag}; the checkpoint is incomplete")
+            state = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+            shard.update({name: entry["param"] for name, entry in state["tensors"].items()})
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise SatDistError(f"--output {output} exists and is not empty; choose a new directory")

@@ -1,13 +1,18 @@
-"""Training checkpoints: save, and resume exactly.
+"""Training checkpoints: save, and resume exactly, on the same or another parallel layout.
 
 A checkpoint directory:
-  latest                 the tag resume picks; replaced atomically, after everything else
+  latest                   the tag resume picks; replaced atomically, after everything else
   iter_0000040/
-    DeepSpeed's files      model and ZeRO optimizer partitions, LR schedule, RNG states
-    model_tp00.pt ...      each TP rank's full local weights (gathered over DP), fp32: what
-                           tools/export_hf.py reads, whatever the ZeRO stage
-    sat_dist.json          the manifest: iteration, consumed samples, layout, model, SAT
-                           schedule; written last, so a save killed midway is never resumed
+    state_tp00_dp000.pt ..   each rank's share of its TP partition's full (DP-gathered) fp32
+                             weights and Adam moments, by parameter name, plus its RNG state
+    sat_dist.json            the manifest: iteration, consumed samples, layout, which file
+                             holds which parameter, Adam step, LR schedule, SAT schedule,
+                             model; written last, so a save killed midway is never resumed
+
+The state is stored per parameter in the model's own layout rather than as DeepSpeed's flat
+ZeRO partitions, so a checkpoint resumes at any TP x DP layout (sat_dist.checkpoint.reshard)
+and exports to Hugging Face at any TP size. Every DP rank writes a share of the parameters,
+so saving is as parallel as DeepSpeed's own.
 """
 
 from __future__ import annotations
@@ -23,16 +28,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sat_dist.checkpoint.reshard import reshard_local
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
 from sat_dist.parallel.comm import ParallelComm
 
 MANIFEST = "sat_dist.json"
 LATEST = "latest"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+FORMAT = 1
 
 
 def tag_of(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def state_file(tp_rank: int, dp_rank: int) -> str:
+    return f"state_tp{tp_rank:02d}_dp{dp_rank:03d}.pt"
 
 
 def latest_complete_tag(ckpt_dir: str | Path) -> Optional[str]:
@@ -51,9 +63,12 @@ def latest_complete_tag(ckpt_dir: str | Path) -> Optional[str]:
 def read_manifest(ckpt_dir: str | Path, tag: str) -> dict:
     p = Path(ckpt_dir) / tag / MANIFEST
     try:
-        return json.loads(p.read_text())
+        m = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SatDistError(f"checkpoint {p}: unreadable manifest ({type(e).__name__})")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise SatDistError(f"checkpoint {p}: not a sat_dist checkpoint (format {FORMAT})")
+    return m
 
 
 def check_save_dir(save: Optional[str], load: Optional[str]) -> None:
@@ -69,8 +84,7 @@ def check_save_dir(save: Optional[str], load: Optional[str]) -> None:
 def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_samples: int,
                     comm: ParallelComm, model_cfg: ModelConfig, sat_schedule: dict, stage3: bool,
                     extra: Optional[dict] = None) -> Path:
-    from sat_dist.train.engine import gather_local_weights
-
+    """Collective over all ranks."""
     d = Path(ckpt_dir)
     tag = tag_of(iteration)
     rank = dist.get_rank()
@@ -79,24 +93,37 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
         partial = d / tag
         if partial.exists() and not (partial / MANIFEST).exists():
             shutil.rmtree(partial)  # left by a save that was killed; never resumed from
+        partial.mkdir(exist_ok=True)
     dist.barrier()
-    client = {"iteration": iteration, "consumed_samples": consumed_samples, "rng": _rng_state()}
-    engine.save_checkpoint(str(d), tag=tag, client_state=client, save_latest=False)
-    weights = gather_local_weights(model, stage3)
-    if comm.dp_rank == 0:
-        _atomic_torch_save(weights, d / tag / f"model_tp{comm.tp_rank:02d}.pt")
+    optimizer = engine.optimizer
+    owners, mine = {}, {}
+    for i, (name, p) in enumerate(_unique_params(model)):
+        owner = i % comm.dp_size
+        owners[name] = owner
+        entry = {"param": _full_fp32(p, stage3)}  # collectives: every DP rank takes part
+        for key in MOMENTS:
+            entry[key] = _full_moment(optimizer, p, key)
+        if owner == comm.dp_rank:
+            mine[name] = {k: (v.detach().float().cpu().clone() if v is not None else None) for k, v in entry.items()}
+    _atomic_torch_save({"tensors": mine, "rng": _rng_state()},
+                       d / tag / state_file(comm.tp_rank, comm.dp_rank))
     dist.barrier()
     if rank == 0:
         manifest = {
+            "format": FORMAT,
             "iteration": iteration,
             "consumed_samples": consumed_samples,
             "tensor_model_parallel_size": comm.tp_size,
             "data_parallel_size": comm.dp_size,
+            "owners": owners,
+            "optimizer_step": _adam_step(optimizer),
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+            "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
             "model": model_cfg.__dict__,
             "sat_schedule": sat_schedule,
             **(extra or {}),
         }
-        _atomic_write(d / tag / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        _atomic_write(d / tag / MANIFEST, json.dumps(manifest, indent=2, default=_json_default) + "\n")
         _atomic_write(d / LATEST, tag + "\n")
     dist.barrier()
     return d / tag
@@ -120,23 +147,147 @@ def check_resume(ckpt_dir: str, comm: ParallelComm, model_cfg: ModelConfig) -> t
         raise SatDistError(f"--load {ckpt_dir}: checkpoint {tag} is of another model "
                            f"({', '.join(f'{k}={theirs[k]} vs {mine[k]}' for k in diff)}); "
                            f"use the --model-config it was trained with")
-    if m["tensor_model_parallel_size"] != comm.tp_size:
-        raise SatDistError(f"--load {ckpt_dir}: checkpoint {tag} was saved at --tensor-model-parallel-size "
-                           f"{m['tensor_model_parallel_size']}, this run uses {comm.tp_size}; resume with "
-                           f"--tensor-model-parallel-size {m['tensor_model_parallel_size']}")
-    if m["data_parallel_size"] != comm.dp_size:
-        raise SatDistError(f"--load {ckpt_dir}: checkpoint {tag} was saved with data-parallel size "
-                           f"{m['data_parallel_size']}, this run has {comm.dp_size}; launch "
-                           f"{m['data_parallel_size'] * comm.tp_size} processes")
+    from sat_dist.model.llama import check_tensor_parallel
+
+    check_tensor_parallel(model_cfg, comm.tp_size)  # the new layout must be able to hold it
+    for r in range(m["tensor_model_parallel_size"]):
+        for dp in range(m["data_parallel_size"]):
+            if not (d / tag / state_file(r, dp)).is_file():
+                raise SatDistError(f"--load {ckpt_dir}: {tag}/{state_file(r, dp)} is missing; the checkpoint "
+                                   f"is incomplete (point {LATEST} at an earlier iter_*)")
     return tag, m
 
 
-def restore_checkpoint(engine, ckpt_dir: str, tag: str) -> None:
-    """Load model, optimizer, LR schedule and RNG states of `tag` into the engine."""
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise SatDistError(f"--load {ckpt_dir}: DeepSpeed could not read {tag}")
-    _set_rng_state((client or {}).get("rng"))
+def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, comm: ParallelComm,
+                       model_cfg: ModelConfig, stage3: bool) -> None:
+    """Load weights, Adam moments and step, LR schedule (and RNG on the same layout) of `tag`
+    into a freshly built engine, re-partitioning from the saved TP x DP layout to this one."""
+    from sat_dist.train.engine import write_local_weight
+
+    d = Path(ckpt_dir) / tag
+    old_tp, owners = manifest["tensor_model_parallel_size"], manifest["owners"]
+    files: dict[tuple[int, int], dict] = {}
+
+    def stored(name: str, r: int) -> dict:
+        key = (r, owners[name])
+        if key not in files:
+            # mmap: only the tensors this rank asks for are read from disk
+            files[key] = torch.load(d / state_file(*key), map_location="cpu", mmap=True, weights_only=False)
+        entry = files[key]["tensors"].get(name)
+        if entry is None:
+            raise SatDistError(f"--load {ckpt_dir}: {tag}/{state_file(*key)} lacks {name}; the checkpoint is damaged")
+        return entry
+
+    optimizer = engine.optimizer
+    _ensure_adam_state(optimizer, manifest["optimizer_step"])
+    for name, p in _unique_params(model):
+        if name not in owners:
+            raise SatDistError(f"--load {ckpt_dir}: {tag} has no {name}; it was saved by another model")
+        entries = [stored(name, r) for r in range(old_tp)]
+        local = {k: reshard_local(name, [e[k] for e in entries], model_cfg, comm.tp_size, comm.tp_rank)
+                 for k in ("param", *MOMENTS) if entries[0].get(k) is not None}
+        write_local_weight(p, name, local["param"], comm, stage3)
+        _set_full_fp32(p, local["param"])
+        for key in MOMENTS:
+            if key in local:
+                _set_full_moment(optimizer, p, key, local[key])
+    if engine.lr_scheduler is not None and manifest.get("lr_scheduler"):
+        sched = engine.lr_scheduler
+        sched.load_state_dict(manifest["lr_scheduler"])
+        # load_state_dict restores the schedule's position but not the learning rate the
+        # optimizer uses for its next step; without this the first resumed step is off.
+        for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+            group["lr"] = lr
+    engine.global_steps = manifest["iteration"]
+    engine.global_samples = manifest["consumed_samples"]
+    engine.skipped_steps = manifest.get("skipped_steps", 0)
+    same_layout = (old_tp, manifest["data_parallel_size"]) == (comm.tp_size, comm.dp_size)
+    if same_layout:
+        own = files.get((comm.tp_rank, comm.dp_rank)) or torch.load(
+            d / state_file(comm.tp_rank, comm.dp_rank), map_location="cpu", mmap=True, weights_only=False)
+        _set_rng_state(own.get("rng"))
+
+
+def _unique_params(model):
+    """(name, parameter) once each (a tied LM head shares the embedding's)."""
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, p
+
+
+def _full_fp32(p, stage3: bool) -> torch.Tensor:
+    """The fp32 master copy of p, whole (gathered over DP)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(p)
+    if full is None:  # no ZeRO partitioning of this parameter: p is its own master
+        return p.detach()
+    return full.reshape(p.ds_shape if stage3 else p.shape)
+
+
+def _set_full_fp32(p, value: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(p, value.to(torch.float32).to(p.device))
+
+
+def _full_moment(optimizer, p, key: str) -> Optional[torch.Tensor]:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if _adam_step(optimizer) is None:
+        return None  # no optimizer step yet: the moments do not exist
+    full = safe_get_full_optimizer_state(p, key)
+    if full is None:
+        state = _inner(optimizer).state.get(p, {})
+        full = state.get(key)
+    return None if full is None else full.reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+
+
+def _set_full_moment(optimizer, p, key: str, value: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        safe_set_full_optimizer_state(p, value.to(torch.float32).to(p.device), key)
+    else:
+        _inner(optimizer).state[p][key].copy_(value)
+
+
+def _inner(optimizer):
+    """The torch optimizer under DeepSpeed's ZeRO wrapper (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _adam_step(optimizer) -> Optional[int]:
+    for state in _inner(optimizer).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return None
+
+
+def _ensure_adam_state(optimizer, step: Optional[int]) -> None:
+    """Create the (lazily made) Adam state, so that saved moments can be written into it."""
+    if step is None:
+        return
+    inner = _inner(optimizer)
+    # The tensors Adam steps: ZeRO-3's and ZeRO-1/2's flat fp32 partitions, else the params.
+    flats = getattr(optimizer, "fp32_partitioned_groups_flat", None) or \
+        getattr(optimizer, "single_partition_of_fp32_groups", None) or \
+        [p for group in inner.param_groups for p in group["params"]]
+    for p in flats:
+        st = inner.state[p]
+        for key in MOMENTS:
+            if key not in st:
+                st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        old = st.get("step")
+        st["step"] = torch.tensor(float(step)) if old is None or torch.is_tensor(old) else step
+
+
+def _json_default(o):
+    if torch.is_tensor(o):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _shape_fields(cfg: ModelConfig) -> dict:

@@ -137,36 +137,30 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
 def load_local_weights(model: LlamaModel, local: dict[str, torch.Tensor], comm: ParallelComm,
                        stage3: bool) -> None:
     """Write a TP rank's local tensors into the (possibly ZeRO-3 partitioned) model."""
-    import deepspeed
-
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(local))
     if missing:
         raise SatDistError(f"weights: missing {missing[0]} (and {len(missing) - 1} more)")
-    # DeepSpeed 0.19 reads modifier_rank as a rank WITHIN the parameter's DP group (it maps
-    # it to a global rank itself); older notes say global. Either way a wrong reading drops
-    # or scrambles the write silently, so every write is read back and checked below.
     for name, p in params.items():
-        if tuple(p.ds_shape if stage3 else p.shape) != tuple(local[name].shape):
-            raise SatDistError(f"weights: {name} has shape {tuple(local[name].shape)}, "
-                               f"the model expects {tuple(p.ds_shape if stage3 else p.shape)}")
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=stage3):
-            if not stage3 or comm.dp_rank == 0:
-                p.copy_(local[name].to(p.dtype))
-        with deepspeed.zero.GatheredParameters([p], enabled=stage3):
-            if not torch.equal(p.detach().cpu(), local[name].to(p.dtype)):
-                raise SatDistError(f"weights: writing {name} into the ZeRO-3 partitions did not take "
-                                   f"(DeepSpeed {deepspeed.__version__}); please report this")
+        write_local_weight(p, name, local[name], comm, stage3)
 
 
 @torch.no_grad()
-def gather_local_weights(model: LlamaModel, stage3: bool) -> dict[str, torch.Tensor]:
-    """This TP rank's full local tensors (ZeRO-3 partitions gathered over DP), on CPU, fp32.
-    A collective: every rank of the DP group must call it."""
+def write_local_weight(p: torch.nn.Parameter, name: str, value: torch.Tensor, comm: ParallelComm,
+                       stage3: bool) -> None:
+    """Write one parameter's TP-local tensor; a collective over the DP group under ZeRO-3."""
     import deepspeed
 
-    out = {}
-    for name, p in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], enabled=stage3):
-            out[name] = p.detach().float().cpu().clone()
-    return out
+    shape = tuple(p.ds_shape if stage3 else p.shape)
+    if tuple(value.shape) != shape:
+        raise SatDistError(f"weights: {name} has shape {tuple(value.shape)}, the model expects {shape}")
+    # DeepSpeed 0.19 reads modifier_rank as a rank WITHIN the parameter's DP group (it maps
+    # it to a global rank itself); older notes say global. Either way a wrong reading drops
+    # or scrambles the write silently, so the write is read back and checked.
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=stage3):
+        if not stage3 or comm.dp_rank == 0:
+            p.copy_(value.to(p.dtype))
+    with deepspeed.zero.GatheredParameters([p], enabled=stage3):
+        if not torch.equal(p.detach().cpu(), value.to(p.dtype)):
+            raise SatDistError(f"weights: writing {name} into the ZeRO-3 partitions did not take "
+                               f"(DeepSpeed {deepspeed.__version__}); please report this")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -28,10 +30,38 @@ H100_PEAK_BF16 = 989e12
 class Progress:
     iteration: int = 0
     consumed_samples: int = 0
-    nonfinite_in_row: int = 0
-    nonfinite_total: int = 0
+    skipped_in_row: int = 0
+    skipped_total: int = 0
+    preempted: bool = False
     losses: list = field(default_factory=list)
     """(iteration, lm loss) of every step, on every rank (tests read it)."""
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 (SLURM's warning before a time limit) ask for a checkpoint at the
+    next step boundary. Ranks agree through one all-reduce per step, so a signal that
+    reached only some ranks still stops all of them at the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def any_rank(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _device() -> torch.device:
@@ -79,116 +109,173 @@ def evaluate(eng: Engine, valid: PackedDataset, run: RunConfig, comm: ParallelCo
     return float(_mean_over_dp(total / n, comm))
 
 
-def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
-          datasets: dict[str, PackedDataset], resume: Optional[tuple[str, dict]] = None,
-          log=print) -> Progress:
-    """Train to --train-iters (or --exit-interval); `resume` is check_resume()'s (tag, manifest)."""
-    t = run.train
-    rank0 = dist.get_rank() == 0
-    dev = _device()
-    gbs = eng.ds_config["train_batch_size"]
-    stage3 = eng.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    schedule = OmissionSchedule(run.sat, t.train_iters)
-    p = Progress()
-    if resume is not None:
-        tag, m = resume
-        restore_checkpoint(eng.engine, t.load, tag)
-        p.iteration, p.consumed_samples = m["iteration"], m["consumed_samples"]
-        if m["sat_schedule"] != schedule.state_dict() and rank0:
-            log(f"note: keeping the checkpoint's SAT schedule {m['sat_schedule']} over the flags' "
-                f"{schedule.state_dict()}")
-        schedule.load_state_dict(m["sat_schedule"])
-        if rank0:
-            log(f"resumed from {t.load} at iteration {p.iteration} ({p.consumed_samples} samples consumed)")
-    train_ds, valid_ds = datasets["train"], datasets.get("valid")
-    tb = TensorBoardLog(t.tensorboard_dir, rank0)
-    last = t.exit_interval if 0 < t.exit_interval < t.train_iters else t.train_iters
-    peak = H100_PEAK_BF16 if torch.cuda.is_available() else None
-    interval_start, interval_steps = time.perf_counter(), 0
-    start_iter = p.iteration
-    if p.iteration >= last and rank0:
-        log(f"nothing to train: the checkpoint is at iteration {p.iteration} of {last}; raise "
-            f"--train-iters to continue")
+class Trainer:
+    """One training run: owns the progress, the SAT schedule and the logs; `run()` trains to
+    --train-iters (or --exit-interval), or until preempted."""
 
-    def save():
-        save_checkpoint(eng.engine, eng.model, t.save, p.iteration, p.consumed_samples, comm, model_cfg,
-                        schedule.state_dict(), stage3)
-        if rank0:
-            log(f"saved checkpoint at iteration {p.iteration} to {t.save}")
+    def __init__(self, run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
+                 datasets: dict[str, PackedDataset], log=print):
+        t = self.t = run.train
+        self.run_cfg, self.eng, self.comm, self.model_cfg, self.log = run, eng, comm, model_cfg, log
+        self.rank0 = dist.get_rank() == 0
+        self.dev = _device()
+        self.gbs = eng.ds_config["train_batch_size"]
+        self.stage3 = eng.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+        self.schedule = OmissionSchedule(run.sat, t.train_iters)
+        self.train_ds, self.valid_ds = datasets["train"], datasets.get("valid")
+        self.last = t.exit_interval if 0 < t.exit_interval < t.train_iters else t.train_iters
+        self.peak = H100_PEAK_BF16 if torch.cuda.is_available() else None
+        self.p = Progress()
+        self.tb: Optional[TensorBoardLog] = None
 
-    while p.iteration < last:
-        attn_rate, mlp_rate = schedule.rates(p.iteration)
-        loss_sum = torch.zeros((), device=dev)
-        for micro, (ids, labels) in enumerate(train_ds.step_batches(
-                p.consumed_samples, gbs, t.micro_batch_size, comm.dp_rank, comm.dp_size)):
+    def resume(self, tag: str, manifest: dict) -> None:
+        restore_checkpoint(self.eng.engine, self.eng.model, self.t.load, tag, manifest, self.comm,
+                           self.model_cfg, self.stage3)
+        self.p.iteration, self.p.consumed_samples = manifest["iteration"], manifest["consumed_samples"]
+        if manifest["sat_schedule"] != self.schedule.state_dict() and self.rank0:
+            self.log(f"note: keeping the checkpoint's SAT schedule {manifest['sat_schedule']} over the flags' "
+                     f"{self.schedule.state_dict()}")
+        self.schedule.load_state_dict(manifest["sat_schedule"])
+        if self.rank0:
+            layout = (f"TP {manifest['tensor_model_parallel_size']} x DP {manifest['data_parallel_size']}"
+                      f" -> TP {self.comm.tp_size} x DP {self.comm.dp_size}")
+            self.log(f"resumed from {self.t.load} at iteration {self.p.iteration} "
+                     f"({self.p.consumed_samples} samples consumed; {layout})")
+
+    def run(self) -> Progress:
+        t, p = self.t, self.p
+        start_iter = p.iteration
+        if p.iteration >= self.last and self.rank0:
+            self.log(f"nothing to train: the checkpoint is at iteration {p.iteration} of {self.last}; "
+                     f"raise --train-iters to continue")
+        self.tb = TensorBoardLog(t.tensorboard_dir, self.rank0)
+        preemption = PreemptionFlag()
+        self._interval = (time.perf_counter(), 0)
+        try:
+            while p.iteration < self.last:
+                self._step()
+                if p.iteration == self.last:
+                    break
+                if self.valid_ds is not None and t.eval_interval and p.iteration % t.eval_interval == 0:
+                    self._validate()
+                if t.save and t.save_interval and p.iteration % t.save_interval == 0:
+                    self._save()
+                if preemption.any_rank(self.dev):
+                    if t.save:
+                        self._save()
+                    if self.rank0:
+                        what = "saved checkpoint" if t.save else "nothing saved (no --save)"
+                        self.log(f"preempted ({preemption.received or 'signal on another rank'}): "
+                                 f"{what} at iteration {p.iteration}")
+                    p.preempted = True
+                    return p
+            if p.iteration > start_iter:
+                if self.valid_ds is not None:
+                    self._validate()
+                if t.save:
+                    self._save()
+        finally:
+            preemption.restore()
+            self.tb.close()
+        return p
+
+    def _step(self) -> None:
+        t, p, eng = self.t, self.p, self.eng
+        attn_rate, mlp_rate = self.schedule.rates(p.iteration)
+        loss_sum = torch.zeros((), device=self.dev)
+        for micro, (ids, labels) in enumerate(self.train_ds.step_batches(
+                p.consumed_samples, self.gbs, t.micro_batch_size, self.comm.dp_rank, self.comm.dp_size)):
             eng.sat.set_step(p.iteration, micro, attn_rate, mlp_rate)
-            loss = eng.engine(ids.to(dev), labels.to(dev)).float().mean()
+            loss = eng.engine(ids.to(self.dev), labels.to(self.dev)).float().mean()
             eng.engine.backward(loss)
             eng.engine.step()
             loss_sum += loss.detach()
         p.iteration += 1
-        p.consumed_samples += gbs
-        interval_steps += 1
-        loss = float(_mean_over_dp(loss_sum / eng.grad_accum, comm))  # the step's one host sync
+        p.consumed_samples += self.gbs
+        loss = float(_mean_over_dp(loss_sum / eng.grad_accum, self.comm))  # the step's host sync
         p.losses.append((p.iteration, loss))
-        if not math.isfinite(loss):
-            raise SatDistError(f"iteration {p.iteration}: non-finite loss {loss}; lower --lr or check the data")
-
-        lr = eng.engine.get_lr()[0]
         gn = eng.engine.get_global_grad_norm()
         gn = float(gn) if gn is not None else float("nan")
-        kept_attn, keep_attn = _kept(eng.sat, "attn", model_cfg.num_layers)
-        kept_mlp, keep_mlp = _kept(eng.sat, "mlp", model_cfg.num_layers)
-        scalars = {"lm loss": loss, "learning-rate": lr, "grad-norm": gn,
-                   "sat/omission-rate-attn": attn_rate, "sat/omission-rate-mlp": mlp_rate,
-                   "sat/kept-units-attn": kept_attn, "sat/kept-units-mlp": kept_mlp}
-        log_now = p.iteration % t.log_interval == 0 or p.iteration == last
-        if log_now:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            elapsed = (time.perf_counter() - interval_start) / interval_steps
-            interval_start, interval_steps = time.perf_counter(), 0
-            world = dist.get_world_size()
-            tokens = gbs * t.seq_length
-            dense = model_flops(model_cfg, gbs, t.seq_length)
-            executed = model_flops(model_cfg, gbs, t.seq_length, keep_attn, keep_mlp)
-            mem_tag, mem = _max_memory()
-            scalars.update({
-                "iteration-time": elapsed,
-                "throughput/tokens-per-sec": tokens / elapsed,
-                "throughput/model-tflops-per-gpu": dense / elapsed / 1e12 / world,
-                "throughput/executed-tflops-per-gpu": executed / elapsed / 1e12 / world,
-                mem_tag: mem,
-            })
-            if peak:
-                scalars["throughput/mfu"] = dense / elapsed / world / peak
-            if rank0:
-                eta = elapsed * (last - p.iteration)
-                log(f" iteration {p.iteration:8d}/{t.train_iters:8d} | consumed samples: {p.consumed_samples:10d} "
-                    f"| elapsed time per iteration (ms): {elapsed * 1000:.1f} | learning rate: {lr:.3E} "
-                    f"| lm loss: {loss:.6E} | grad norm: {gn:.3f} | tokens/s: {tokens / elapsed:.0f} "
-                    f"| model TFLOP/s/GPU: {dense / elapsed / 1e12 / world:.3f} "
-                    f"| SAT omission attn/mlp: {attn_rate:.2f}/{mlp_rate:.2f} "
-                    f"| ETA: {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-        tb.scalars(p.iteration, scalars)
+        scalars = {"lm loss": loss, "learning-rate": eng.engine.get_lr()[0], "grad-norm": gn,
+                   "sat/omission-rate-attn": attn_rate, "sat/omission-rate-mlp": mlp_rate}
+        # ZeRO's step discards an update whose gradient norm is NaN/Inf (DeepSpeed 0.19); here
+        # it is counted, and a run that keeps diverging stops before it can save garbage.
+        if math.isfinite(loss) and math.isfinite(gn):
+            p.skipped_in_row = 0
+        else:
+            p.skipped_in_row += 1
+            p.skipped_total += 1
+            if self.rank0:
+                self.log(f" iteration {p.iteration:8d}/{t.train_iters:8d} | non-finite lm loss {loss} / grad norm "
+                         f"{gn}: update skipped | number of skipped iterations: {p.skipped_total}")
+            if p.skipped_in_row >= t.max_nonfinite_steps:
+                self.tb.scalars(p.iteration, {"skipped-iterations": p.skipped_total})
+                raise SatDistError(
+                    f"{p.skipped_in_row} non-finite steps in a row (last at iteration {p.iteration}); stopped "
+                    f"without saving, so resume picks the last good checkpoint; lower --lr or check the data")
+        scalars["skipped-iterations"] = p.skipped_total
+        kept_attn, keep_attn = _kept(eng.sat, "attn", self.model_cfg.num_layers)
+        kept_mlp, keep_mlp = _kept(eng.sat, "mlp", self.model_cfg.num_layers)
+        scalars.update({"sat/kept-units-attn": kept_attn, "sat/kept-units-mlp": kept_mlp})
+        start, steps = self._interval
+        self._interval = (start, steps + 1)
+        if p.iteration % t.log_interval == 0 or p.iteration == self.last:
+            scalars.update(self._throughput(keep_attn, keep_mlp))
+            if self.rank0:
+                self._console(scalars)
+        self.tb.scalars(p.iteration, scalars)
 
-        if valid_ds is not None and t.eval_interval and p.iteration % t.eval_interval == 0 and p.iteration < last:
-            _log_validation(eng, valid_ds, run, comm, p, tb, rank0, log)
-        if t.save and t.save_interval and p.iteration % t.save_interval == 0 and p.iteration < last:
-            save()
+    def _throughput(self, keep_attn: float, keep_mlp: float) -> dict:
+        """Averages over the steps since the last log line (one device sync per log line)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start, steps = self._interval
+        elapsed = (time.perf_counter() - start) / max(steps, 1)
+        self._interval = (time.perf_counter(), 0)
+        world, seq = dist.get_world_size(), self.t.seq_length
+        dense = model_flops(self.model_cfg, self.gbs, seq)
+        executed = model_flops(self.model_cfg, self.gbs, seq, keep_attn, keep_mlp)
+        mem_tag, mem = _max_memory()
+        out = {"iteration-time": elapsed,
+               "throughput/tokens-per-sec": self.gbs * seq / elapsed,
+               "throughput/model-tflops-per-gpu": dense / elapsed / 1e12 / world,
+               "throughput/executed-tflops-per-gpu": executed / elapsed / 1e12 / world,
+               mem_tag: mem}
+        if self.peak:
+            out["throughput/mfu"] = dense / elapsed / world / self.peak
+        return out
 
-    if p.iteration > start_iter or resume is None:
-        if valid_ds is not None:
-            _log_validation(eng, valid_ds, run, comm, p, tb, rank0, log)
-        if t.save:
-            save()
-    tb.close()
-    return p
+    def _console(self, s: dict) -> None:
+        p, t = self.p, self.t
+        eta = s["iteration-time"] * (self.last - p.iteration)
+        self.log(f" iteration {p.iteration:8d}/{t.train_iters:8d} | consumed samples: {p.consumed_samples:10d} "
+                 f"| elapsed time per iteration (ms): {s['iteration-time'] * 1000:.1f} "
+                 f"| learning rate: {s['learning-rate']:.3E} | lm loss: {s['lm loss']:.6E} "
+                 f"| grad norm: {s['grad-norm']:.3f} | tokens/s: {s['throughput/tokens-per-sec']:.0f} "
+                 f"| model TFLOP/s/GPU: {s['throughput/model-tflops-per-gpu']:.3f} "
+                 f"| SAT omission attn/mlp: {s['sat/omission-rate-attn']:.2f}/{s['sat/omission-rate-mlp']:.2f} "
+                 f"| number of skipped iterations: {p.skipped_total} "
+                 f"| ETA: {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+
+    def _validate(self) -> None:
+        vloss = evaluate(self.eng, self.valid_ds, self.run_cfg, self.comm)
+        ppl = math.exp(min(vloss, 50.0))
+        self.tb.scalars(self.p.iteration, {"lm loss validation": vloss, "lm loss validation ppl": ppl})
+        if self.rank0:
+            self.log(f" validation at iteration {self.p.iteration} | lm loss: {vloss:.6E} | lm loss PPL: {ppl:.3f}")
+
+    def _save(self) -> None:
+        save_checkpoint(self.eng.engine, self.eng.model, self.t.save, self.p.iteration, self.p.consumed_samples,
+                        self.comm, self.model_cfg, self.schedule.state_dict(), self.stage3)
+        if self.rank0:
+            self.log(f"saved checkpoint at iteration {self.p.iteration} to {self.t.save}")
 
 
-def _log_validation(eng, valid_ds, run, comm, p, tb, rank0, log) -> None:
-    vloss = evaluate(eng, valid_ds, run, comm)
-    ppl = math.exp(min(vloss, 50.0))
-    tb.scalars(p.iteration, {"lm loss validation": vloss, "lm loss validation ppl": ppl})
-    if rank0:
-        log(f" validation at iteration {p.iteration} | lm loss: {vloss:.6E} | lm loss PPL: {ppl:.3f}")
+def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
+          datasets: dict[str, PackedDataset], resume: Optional[tuple[str, dict]] = None,
+          log=print) -> Progress:
+    """Train; `resume` is check_resume()'s (tag, manifest) when continuing a checkpoint."""
+    trainer = Trainer(run, eng, comm, model_cfg, datasets, log)
+    if resume is not None:
+        trainer.resume(*resume)
+    return trainer.run()
