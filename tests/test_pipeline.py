@@ -6,78 +6,16 @@ TensorBoard files read back with tensorboard's own reader.
 """
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
-from sat_dist.data.indexed import IndexedDatasetWriter, token_dtype
-from sat_dist.data.tokenizer import load_tokenizer, train_sentencepiece
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-PRETRAIN = str(REPO / "launch" / "pretrain.py")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:80]
-    tok_path = train_sentencepiece(files, d / "tok", vocab_size=1000)
-    tok = load_tokenizer(tok_path)
-    with IndexedDatasetWriter(d / "stdlib", token_dtype(tok.vocab_size)) as w:
-        for f in files:
-            w.add_document(tok.encode(f.read_text()) + [tok.eos_id])
-        w.finalize()
-    return {"data": str(d / "stdlib"), "tok": str(tok_path), "dir": d}
-
-
-def _flags(corpus, **over):
-    f = {"model-config": "tiny-test", "data-path": corpus["data"], "tokenizer-model": corpus["tok"],
-         "seq-length": 64, "micro-batch-size": 2, "global-batch-size": 8, "train-iters": 6,
-         "log-interval": 1, "sat-align-mlp": 16, "sat-token-stride": 1, "split": "90,10,0",
-         "eval-iters": 2, "ds_config": str(REPO / "configs" / "ds_zero3.json")}
-    f.update(over)
-    out = []
-    for k, v in f.items():
-        if v is True:
-            out.append(f"--{k}")
-        elif v is not None:
-            out += [f"--{k}", str(v)]
-    return out
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    return env
-
-
-def torchrun(n, flags, check=True, timeout=300):
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(n), "--master-port", str(_port()), PRETRAIN, *flags]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=REPO)
-    if check and r.returncode != 0:
-        raise AssertionError(f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
-    return r
-
-
-def _port():
-    from tests.dist_harness import _free_port
-
-    return _free_port()
-
-
-def scalars(tb_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    ea.Reload()
-    return {e.step: e.value for e in ea.Scalars(tag)}
+from sat_dist.data.tokenizer import load_tokenizer
+from tests.launchers import BIN, PRETRAIN, REPO, _env, _flags, _port, scalars, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -136,20 +74,6 @@ def test_deepspeed_launcher(corpus, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "iteration        2/       2" in r.stdout
     assert (tmp_path / "ckpt" / "iter_0000002" / "sat_dist.json").is_file()
-
-
-@pytest.fixture(scope="module")
-def hf_init(corpus):
-    from transformers import LlamaForCausalLM
-
-    from sat_dist.config import ModelConfig
-    from tests.reference import hf_config
-
-    cfg = ModelConfig.from_file(REPO / "configs" / "model" / "tiny-test.json")
-    torch.manual_seed(0)
-    d = corpus["dir"] / "hf_init"
-    LlamaForCausalLM(hf_config(cfg)).save_pretrained(d)
-    return d
 
 
 def test_tp2_dp2_zero3_matches_tp1_dp2_and_exports_to_transformers(corpus, hf_init, tmp_path):

@@ -32,6 +32,7 @@ from sat_dist.checkpoint.reshard import reshard_local
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
 from sat_dist.parallel.comm import ParallelComm
+from sat_dist.faults import fault_point
 
 MANIFEST = "sat_dist.json"
 LATEST = "latest"
@@ -107,6 +108,7 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
             mine[name] = {k: (v.detach().float().cpu().clone() if v is not None else None) for k, v in entry.items()}
     _atomic_torch_save({"tensors": mine, "rng": _rng_state()},
                        d / tag / state_file(comm.tp_rank, comm.dp_rank))
+    fault_point("kill-after-state-file", iteration)
     dist.barrier()
     if rank == 0:
         manifest = {
@@ -313,14 +315,30 @@ def _set_rng_state(s: Optional[dict]) -> None:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _write_failed(path, tmp, e)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write as RuntimeError
+        _write_failed(path, tmp, e)
+
+
+def _write_failed(path: Path, tmp: Path, e: BaseException) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+    reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    raise SatDistError(f"checkpoint: could not write {path} ({reason}); is the disk full or the quota "
+                       f"reached? The previous checkpoint is still the one --load picks")

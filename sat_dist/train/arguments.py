@@ -34,7 +34,7 @@ class TrainConfig:
     gradient accumulation = global / (micro x DP)."""
     seq_length: int = 256
     """Tokens per sample."""
-    train_iters: int = 100
+    train_iters: int = 80
     """Optimizer steps of the whole run (the SAT schedule spans these)."""
     lr: float = 6e-4
     """Peak learning rate."""

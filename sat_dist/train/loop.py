@@ -21,6 +21,7 @@ from sat_dist.parallel.comm import ParallelComm
 from sat_dist.sat.schedule import OmissionSchedule
 from sat_dist.train.arguments import RunConfig
 from sat_dist.train.engine import Engine
+from sat_dist.faults import fault_point
 from sat_dist.train.metrics import TensorBoardLog, model_flops
 
 H100_PEAK_BF16 = 989e12
@@ -158,8 +159,10 @@ class Trainer:
                     break
                 if self.valid_ds is not None and t.eval_interval and p.iteration % t.eval_interval == 0:
                     self._validate()
-                if t.save and t.save_interval and p.iteration % t.save_interval == 0:
+                # No saves during a non-finite streak: resume must pick a checkpoint from before it.
+                if t.save and t.save_interval and p.iteration % t.save_interval == 0 and not p.skipped_in_row:
                     self._save()
+                fault_point("sigusr1", p.iteration)
                 if preemption.any_rank(self.dev):
                     if t.save:
                         self._save()

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny tokenized corpus and HF initial weights for pipeline tests."""
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from sat_dist.data.indexed import IndexedDatasetWriter, token_dtype
+from sat_dist.data.tokenizer import load_tokenizer, train_sentencepiece
+from tests.launchers import REPO
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:80]
+    tok_path = train_sentencepiece(files, d / "tok", vocab_size=1000)
+    tok = load_tokenizer(tok_path)
+    with IndexedDatasetWriter(d / "stdlib", token_dtype(tok.vocab_size)) as w:
+        for f in files:
+            w.add_document(tok.encode(f.read_text()) + [tok.eos_id])
+        w.finalize()
+    return {"data": str(d / "stdlib"), "tok": str(tok_path), "dir": d}
+
+
+@pytest.fixture(scope="session")
+def hf_init(corpus):
+    from transformers import LlamaForCausalLM
+
+    from sat_dist.config import ModelConfig
+    from tests.reference import hf_config
+
+    cfg = ModelConfig.from_file(REPO / "configs" / "model" / "tiny-test.json")
+    torch.manual_seed(0)
+    d = corpus["dir"] / "hf_init"
+    LlamaForCausalLM(hf_config(cfg)).save_pretrained(d)
+    return d
+
+

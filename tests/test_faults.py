@@ -1,0 +1,159 @@
+"""Faults and resume: killed ranks and launchers, a save cut in half, preemption, a full disk,
+non-finite steps, and resuming on another TP x DP layout.
+
+The reference is always an uninterrupted run with the same flags: after any fault and a
+resume with --load, the losses must be the reference's (bit-exact on the same layout, fp32
+CPU), which also shows no sample was replayed or skipped.
+"""
+
+import hashlib
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launchers import BIN, PRETRAIN, REPO, _env, _flags, _port, scalars, torchrun
+
+ITERS = 6
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    torchrun(2, _flags(corpus, save=d / "ckpt", **{"save-interval": 2, "tensorboard-dir": d / "tb"}))
+    return d, scalars(d / "tb", "lm loss")
+
+
+def _resume_matches(corpus, ckpt, tb, ref_losses, first_new):
+    r = torchrun(2, _flags(corpus, load=ckpt, save=ckpt, **{"save-interval": 2, "tensorboard-dir": tb}))
+    got = scalars(tb, "lm loss")
+    for step in range(first_new, ITERS + 1):
+        assert got[step] == ref_losses[step], (step, got[step], ref_losses[step])
+    return r
+
+
+def _latest(ckpt: Path) -> int:
+    return int((ckpt / "latest").read_text().strip().split("_")[1])
+
+
+def test_kill_in_the_middle_of_a_save(corpus, reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    env = dict(_env(), SAT_DIST_FAULT="kill-after-state-file@4")
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_port()), PRETRAIN,
+           *_flags(corpus, save=ckpt, **{"save-interval": 2})]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert r.returncode != 0
+    assert _latest(ckpt) == 2  # the half-written iter_0000004 is never picked
+    assert (ckpt / "iter_0000004").is_dir() and not (ckpt / "iter_0000004" / "sat_dist.json").exists()
+    out = _resume_matches(corpus, ckpt, tmp_path / "tb", reference[1], first_new=3)
+    assert "resumed from" in out.stdout and "at iteration 2" in out.stdout
+    assert (ckpt / "iter_0000004" / "sat_dist.json").is_file()  # redone cleanly
+
+
+def test_sigkill_launcher_at_a_random_point(corpus, reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    stop_after = random.Random().randint(1, 4)
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_port()), PRETRAIN,
+           *_flags(corpus, save=ckpt, **{"save-interval": 1})]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
+                            cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        for line in proc.stdout:
+            if f"iteration {stop_after:8d}/" in line or time.time() > deadline:
+                break
+        os.killpg(proc.pid, signal.SIGKILL)  # launcher and every rank, wherever they are
+    finally:
+        proc.wait(timeout=60)
+    if not (ckpt / "latest").is_file():
+        pytest.skip(f"killed after iteration {stop_after} before any checkpoint completed")
+    k = _latest(ckpt)
+    _resume_matches(corpus, ckpt, tmp_path / "tb", reference[1], first_new=k + 1)
+
+
+def test_preemption_signal_saves_and_exits_cleanly(corpus, reference, tmp_path):
+    """SIGUSR1 (SLURM's pre-timeout warning) reaching rank 0 only: every rank stops at the
+    same step boundary, one checkpoint is written, the exit code is 0."""
+    ckpt = tmp_path / "ckpt"
+    env = dict(_env(), SAT_DIST_FAULT="sigusr1@3")
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_port()), PRETRAIN,
+           *_flags(corpus, save=ckpt)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "preempted (SIGUSR1): saved checkpoint at iteration 3" in r.stdout
+    assert _latest(ckpt) == 3
+    _resume_matches(corpus, ckpt, tmp_path / "tb", reference[1], first_new=4)
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(corpus, tmp_path):
+    ckpt, tb = tmp_path / "ckpt", tmp_path / "tb"
+    # lr 1e30 blows the weights up in one update; the next losses are NaN
+    r = torchrun(2, _flags(corpus, save=ckpt, lr="1e30", **{"min-lr": 0, "lr-warmup-iters": 0, "save-interval": 1,
+                                                           "max-nonfinite-steps": 2, "tensorboard-dir": tb}),
+                 check=False)
+    assert r.returncode != 0
+    assert "update skipped | number of skipped iterations: 1" in r.stdout
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "2 non-finite steps in a row (last at iteration 3)" in errors[0]
+    assert _latest(ckpt) == 1  # nothing saved during the streak
+    assert not (ckpt / "iter_0000002").exists()
+    assert scalars(tb, "skipped-iterations")[3] == 2
+
+
+def _digest(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_full_disk_during_a_save(corpus, reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(reference[0] / "ckpt", ckpt)
+    (ckpt / "latest").write_text("iter_0000002\n")
+    for later in ("iter_0000004", "iter_0000006"):
+        shutil.rmtree(ckpt / later)
+    before = _digest(ckpt)
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write() instead of a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_port()), PRETRAIN,
+           *_flags(corpus, load=ckpt, save=ckpt, **{"save-interval": 2})]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=REPO,
+                       preexec_fn=small_files)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "could not write" in errors[0] and "disk full" in errors[0], r.stderr[-2000:]
+    assert 'pretrain.py", line' not in r.stderr
+    assert _latest(ckpt) == 2
+    after = _digest(ckpt)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing existing changed
+
+
+def test_resume_on_other_layouts(corpus, tmp_path):
+    """TP=2 x DP=2 checkpoint, resumed at TP=1 x DP=1, TP=1 x DP=2 and TP=2 x DP=1: weights and
+    Adam state re-partitioned, data position and SAT schedule kept. The schedule is sparse for
+    the first steps (SAT ran before the save) and dense after, where every layout computes the
+    same function, so the next loss must equal the original layout's."""
+    sat = {"sat-sparse-fraction": 0.25, "sat-ladder-steps": 1, "sat-dense-fraction": 0.5, "train-iters": 6}
+    ref = tmp_path / "ref"
+    torchrun(4, _flags(corpus, save=ref / "ckpt", **sat, **{"tensor-model-parallel-size": 2, "save-interval": 4,
+                                                           "tensorboard-dir": ref / "tb"}))
+    ref_loss = scalars(ref / "tb", "lm loss")
+    for tp, world in ((1, 1), (1, 2), (2, 2)):  # the last is TP=2 x DP=1
+        d = tmp_path / f"tp{tp}_w{world}"
+        shutil.copytree(ref / "ckpt", d / "ckpt")
+        (d / "ckpt" / "latest").write_text("iter_0000004\n")
+        shutil.rmtree(d / "ckpt" / "iter_0000006")
+        r = torchrun(world, _flags(corpus, load=d / "ckpt", save=d / "ckpt", **sat,
+                                   **{"tensor-model-parallel-size": tp, "tensorboard-dir": d / "tb"}))
+        assert f"TP 2 x DP 2 -> TP {tp} x DP {world // tp}" in r.stdout
+        got = scalars(d / "tb", "lm loss")
+        for step in (5, 6):
+            assert got[step] == pytest.approx(ref_loss[step], rel=1e-5, abs=1e-5), (tp, world, step)
+        assert scalars(d / "tb", "sat/omission-rate-mlp")[5] == 0.0
