@@ -61,18 +61,29 @@ def _run(argv) -> int:
 
     from sat_dist.checkpoint.hf import load_hf_checkpoint
     from sat_dist.checkpoint.state import check_resume, check_save_dir
+    from sat_dist.model.llama import check_tensor_parallel
     from sat_dist.parallel.state import init_distributed
-    from sat_dist.train.engine import build_engine
+    from sat_dist.train.engine import build_engine, deepspeed_config
     from sat_dist.train.loop import train
 
-    # Cheap checks first, before any process group or data preparation.
+    # Every check that needs no process group runs first: bad input fails in a second, with
+    # one line, before any rank starts work or touches a file.
     hf_sd = None
     if t.hf_checkpoint:
         model_cfg, hf_sd = load_hf_checkpoint(t.hf_checkpoint)
     else:
         model_cfg = load_model_config(run.model_config_path)
+    tp = t.tensor_model_parallel_size
+    check_tensor_parallel(model_cfg, tp, run.sat.align_mlp if run.sat.schedule != "dense" else 1)
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    if world % tp:
+        raise SatDistError(f"--tensor-model-parallel-size {tp} does not divide the world size {world}; "
+                           f"launch a multiple of {tp} processes")
+    deepspeed_config(t, world // tp)
     if not default_job:
-        datasets = _open_data(t, model_cfg)  # bad data fails here, before any process starts work
+        datasets = _open_data(t, model_cfg)
+    check_save_dir(t.save, t.load)
+    resume = check_resume(t.load, model_cfg) if t.load else None
     comm = init_distributed(t.tensor_model_parallel_size)
     rank0 = dist.get_rank() == 0
     log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
@@ -88,8 +99,6 @@ def _run(argv) -> int:
         f"ffn {model_cfg.ffn_hidden_size}, heads {model_cfg.num_attention_heads}/{model_cfg.num_query_groups} | "
         f"TP {comm.tp_size} x DP {comm.dp_size} | SAT {run.sat.schedule} metric={run.sat.metric} "
         f"selection={run.sat.selection} omission attn/mlp={run.sat.omission_attn}/{run.sat.omission_mlp}")
-    check_save_dir(t.save, t.load)
-    resume = check_resume(t.load, comm, model_cfg) if t.load else None
     eng = build_engine(model_cfg, run.sat, t, comm, hf_sd if resume is None else None)
     train(run, eng, comm, model_cfg, datasets, resume, log)
     return 0

@@ -8,7 +8,7 @@ import torch
 
 from sat_dist.data.indexed import IndexedDatasetWriter, token_dtype
 from sat_dist.data.tokenizer import load_tokenizer, train_sentencepiece
-from tests.launchers import REPO
+from tests.launchers import REPO, _flags, scalars, torchrun
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +38,14 @@ def hf_init(corpus):
     return d
 
 
+
+
+@pytest.fixture(scope="session")
+def reference_run(corpus, tmp_path_factory):
+    """An uninterrupted 2-rank run (TP=1 x DP=2, ZeRO-3, SAT ladder) of 6 steps, saving every
+    2, validating every 3: the reference for resume and fault tests. Returns (dir, stdout,
+    {step: lm loss})."""
+    d = tmp_path_factory.mktemp("reference")
+    r = torchrun(2, _flags(corpus, save=d / "ckpt", **{"save-interval": 2, "eval-interval": 3,
+                                                      "tensorboard-dir": d / "tb"}))
+    return d, r.stdout, scalars(d / "tb", "lm loss")

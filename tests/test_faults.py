@@ -24,10 +24,8 @@ ITERS = 6
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref")
-    torchrun(2, _flags(corpus, save=d / "ckpt", **{"save-interval": 2, "tensorboard-dir": d / "tb"}))
-    return d, scalars(d / "tb", "lm loss")
+def reference(reference_run):
+    return reference_run[0], reference_run[2]
 
 
 def _resume_matches(corpus, ckpt, tb, ref_losses, first_new):

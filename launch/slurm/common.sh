@@ -14,6 +14,11 @@ sat_require() {
     [[ -n "${!1:-}" ]] || sat_die "$1 is not set; $2"
 }
 
+# A path every rank would otherwise reject, once each; only checked when really launching.
+sat_require_dir() {
+    [[ "${DRY_RUN:-0}" == 1 || -d "${!1}" ]] || sat_die "$1=${!1} is not a directory on $(hostname 2>/dev/null || echo this node)"
+}
+
 sat_positive_int() {
     [[ "$2" =~ ^[1-9][0-9]*$ ]] || sat_die "$1=$2: expected a positive integer"
 }
@@ -209,6 +214,7 @@ sat_print_plan() {
     echo "$SAT_QUOTED"
     _sat_quote mkdir -p "$LOG_DIR" "$TB_DIR" "$CKPT_DIR"
     echo "$SAT_QUOTED"
+    echo "# output also appended to $LOG_DIR/train.log"
     _sat_quote "${SAT_LAUNCH[@]}"
     echo "$SAT_QUOTED"
 }
@@ -240,8 +246,9 @@ sat_main() {
     # the shell keeps waiting so the step's checkpoint can finish within KillWait.
     trap 'echo "sat_dist: SIGTERM: waiting for the training step to stop"' TERM
 
-    # The run's log across requeues and resubmissions, besides the job's own logs/*.out.
-    "${SAT_LAUNCH[@]}" 2>&1 | tee -a "$LOG_DIR/train.log" &
+    # The run's log across requeues and resubmissions, besides the job's own logs/*.out. tee
+    # outlives the signals: srun would die of SIGPIPE writing to a dead tee mid-checkpoint.
+    "${SAT_LAUNCH[@]}" 2>&1 | (trap '' TERM USR1; exec tee -a "$LOG_DIR/train.log") &
     local pid=$! rc
     while :; do
         wait "$pid" && rc=0 || rc=$?
@@ -258,7 +265,7 @@ sat_main() {
 }
 
 sat_requeue_if_unfinished() {
-    local rc=$1 tag done_iter
+    local rc=$1 tag="" done_iter
     shift
     if [[ "$rc" != 0 ]]; then
         echo "error: the training step exited with $rc after the pre-timeout signal; not requeueing" >&2
@@ -266,7 +273,9 @@ sat_requeue_if_unfinished() {
     fi
     sat_flag_value --train-iters "$@"
     SAT_TRAIN_ITERS=$SAT_FLAG_VALUE
-    tag=$(<"$CKPT_DIR/latest") 2>/dev/null || tag=""
+    if [[ -f "$CKPT_DIR/latest" ]]; then
+        tag=$(<"$CKPT_DIR/latest")
+    fi
     done_iter=${tag##*_}
     if [[ -n "$SAT_TRAIN_ITERS" && "$done_iter" =~ ^[0-9]+$ ]] && ((10#$done_iter >= SAT_TRAIN_ITERS)); then
         echo "sat_dist: run finished at iteration $((10#$done_iter)); not requeueing"

@@ -131,9 +131,10 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
     return d / tag
 
 
-def check_resume(ckpt_dir: str, comm: ParallelComm, model_cfg: ModelConfig) -> tuple[str, dict]:
+def check_resume(ckpt_dir: str, model_cfg: ModelConfig) -> tuple[str, dict]:
     """(tag, manifest) of the checkpoint --load resumes; one clear error if it cannot.
-    Reads only the manifest: call it before building the engine."""
+    Reads only files: call it before starting any process group. Any TP x DP layout that
+    can hold the model may resume it."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise SatDistError(f"--load {ckpt_dir}: no such directory")
@@ -149,9 +150,6 @@ def check_resume(ckpt_dir: str, comm: ParallelComm, model_cfg: ModelConfig) -> t
         raise SatDistError(f"--load {ckpt_dir}: checkpoint {tag} is of another model "
                            f"({', '.join(f'{k}={theirs[k]} vs {mine[k]}' for k in diff)}); "
                            f"use the --model-config it was trained with")
-    from sat_dist.model.llama import check_tensor_parallel
-
-    check_tensor_parallel(model_cfg, comm.tp_size)  # the new layout must be able to hold it
     for r in range(m["tensor_model_parallel_size"]):
         for dp in range(m["data_parallel_size"]):
             if not (d / tag / state_file(r, dp)).is_file():

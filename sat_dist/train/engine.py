@@ -96,6 +96,11 @@ class Engine:
     grad_accum: int
 
 
+def deepspeed_config(t: TrainConfig, dp_size: int) -> dict:
+    """The DeepSpeed config this run uses: --ds_config with the flags' values filled in."""
+    return fill_ds_config(load_ds_config(t.ds_config), t, dp_size, t.ds_config or "(default)")
+
+
 def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, comm: ParallelComm,
                  hf_state_dict: Optional[dict] = None) -> Engine:
     import deepspeed
@@ -103,7 +108,7 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     # DeepSpeed's own comm layer must wrap the process group we made, or its config code
     # silently falls back to a world size of 1.
     deepspeed.init_distributed(dist_backend=dist.get_backend())
-    ds = fill_ds_config(load_ds_config(t.ds_config), t, comm.dp_size, t.ds_config or "(default)")
+    ds = deepspeed_config(t, comm.dp_size)
     sat = SATState(sat_cfg if sat_cfg.schedule != "dense" else None, comm)  # dense: SAT off
     check_tensor_parallel(model_cfg, comm.tp_size, sat.align("mlp"))
     stage3 = ds.get("zero_optimization", {}).get("stage", 0) == 3

@@ -1,0 +1,168 @@
+"""A catalog of malformed inputs to launch/pretrain.py: each gives exactly one line on stderr
+naming the problem, a non-zero exit, no traceback, and leaves everything on disk as it was.
+
+(A full disk during a save is in test_faults.py; damaged indexed files and tokenizers are also
+covered at the library level in test_data.py.)
+"""
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.launchers import REPO
+
+sys.path.insert(0, str(REPO / "launch"))
+
+
+def _digest(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ws(corpus, reference_run, hf_init, tmp_path_factory):
+    """A workspace of good and broken inputs (and a real checkpoint) to point the flags at."""
+    w = tmp_path_factory.mktemp("bad_inputs")
+    shutil.copytree(reference_run[0] / "ckpt", w / "ckpt")
+    data = Path(corpus["data"])
+    for suffix in (".bin", ".idx"):
+        shutil.copy(str(data) + suffix, w / f"good{suffix}")
+        shutil.copy(str(data) + suffix, w / f"truncated{suffix}")
+        shutil.copy(str(data) + suffix, w / f"float{suffix}")
+    with open(w / "truncated.bin", "r+b") as f:
+        f.truncate(1000)
+    idx = bytearray((w / "float.idx").read_bytes())
+    idx[17] = 7  # dtype code after the 9-byte magic and 8-byte version: float32
+    (w / "float.idx").write_bytes(bytes(idx))
+    (w / "empty.bin").write_bytes(b"")
+    (w / "empty.idx").write_bytes(b"")
+    (w / "garbage.model").write_bytes(b"\x00not a sentencepiece model" * 10)
+    shutil.copy(corpus["tok"], w / "tok.model")
+
+    def hf_variant(name, edit=None, config_edit=None):
+        d = w / name
+        shutil.copytree(hf_init, d)
+        if edit is not None:
+            sd = load_file(str(d / "model.safetensors"))
+            edit(sd)
+            save_file(sd, str(d / "model.safetensors"))
+        if config_edit is not None:
+            cfg = json.loads((d / "config.json").read_text())
+            config_edit(cfg)
+            (d / "config.json").write_text(json.dumps(cfg))
+
+    hf_variant("hf_missing", lambda sd: sd.pop("model.layers.0.self_attn.k_proj.weight"))
+    hf_variant("hf_shape", lambda sd: sd.__setitem__("model.layers.1.mlp.down_proj.weight", torch.zeros(64, 100)))
+    hf_variant("hf_dtype", lambda sd: sd.__setitem__("model.norm.weight", torch.ones(64, dtype=torch.int64)))
+    hf_variant("hf_small_vocab", lambda sd: [sd.__setitem__(k, sd[k][:500]) for k in
+                                            ("model.embed_tokens.weight", "lm_head.weight")],
+               lambda c: c.__setitem__("vocab_size", 500))
+    hf_variant("hf_noconfig")
+    (w / "hf_noconfig" / "config.json").unlink()
+    (w / "bad.yaml").write_text("seq-length: [1, 2\n")
+    (w / "bad.json").write_text('{"seq-length": 64,}')
+    (w / "unknown.json").write_text('{"seq-lenght": 64}')
+    (w / "wrongtype.yaml").write_text("seq-length: long\n")
+    (w / "list.yaml").write_text("- seq-length\n")
+    (w / "ds_bad.json").write_text('{"zero_optimization": {"stage": 3},')
+    (w / "ds_stage5.json").write_text('{"zero_optimization": {"stage": 5}}')
+    (w / "ds_batch.json").write_text('{"zero_optimization": {"stage": 3}, "train_batch_size": 999}')
+    (w / "ds_fp16.json").write_text('{"zero_optimization": {"stage": 3}, "fp16": {"enabled": true}}')
+    (w / "ds_sgd.json").write_text('{"zero_optimization": {"stage": 3}, "optimizer": {"type": "SGD"}}')
+    (w / "small_vocab_model.json").write_text(json.dumps({
+        "name": "small-vocab", "hidden_size": 64, "ffn_hidden_size": 128, "num_layers": 1,
+        "num_attention_heads": 4, "num_query_groups": 4, "vocab_size": 500}))
+    (w / "incomplete").mkdir()
+    (w / "incomplete" / "latest").write_text("iter_0000009\n")
+    (w / "incomplete" / "iter_0000009").mkdir()
+    return w
+
+
+def _argv(ws, **over):
+    f = {"model-config": "tiny-test", "data-path": ws / "good", "tokenizer-model": ws / "tok.model",
+         "seq-length": 64, "micro-batch-size": 2, "global-batch-size": 4, "train-iters": 2,
+         "sat-align-mlp": 16, "split": "90,10,0", "save": ws / "new_ckpt"}
+    extra = over.pop("_extra", [])
+    f.update(over)
+    out = []
+    for k, v in f.items():
+        if v is not None:
+            out += [f"--{k}", str(v)]
+    return out + extra
+
+
+CASES = [
+    # flags and values
+    ("bad choice", {"sat-metric": "l2"}, "invalid choice: 'l2'"),
+    ("rate out of range", {"sat-omission-mlp": 1.5}, "sat.omission_mlp: got 1.5; allowed: a number in [0, 1)"),
+    ("zero temperature", {"sat-temperature": 0}, "sat.temperature: got 0.0"),
+    ("zero micro batch", {"micro-batch-size": 0}, "--micro-batch-size: got 0"),
+    ("negative lr", {"lr": -1}, "--lr: got -1.0"),
+    ("min-lr above lr", {"min-lr": 1.0}, "--min-lr 1.0 is larger than --lr"),
+    ("unknown model", {"model-config": "llama3"}, "--model-config llama3: unknown model"),
+    ("tp does not divide heads", {"tensor-model-parallel-size": 3}, "does not divide num_attention_heads=4"),
+    ("unknown flag", {"_extra": ["--sequence-length", "64"]}, "unrecognized arguments: --sequence-length"),
+    ("not an int", {"seq-length": "abc"}, "argument --seq-length: invalid int value: 'abc'"),
+    ("batch not divisible", {"global-batch-size": 3}, "--global-batch-size 3 is not a multiple"),
+    # --config files
+    ("yaml syntax", {"config": "{ws}/bad.yaml"}, "not valid YAML"),
+    ("json syntax", {"config": "{ws}/bad.json"}, "not valid JSON"),
+    ("config unknown key", {"config": "{ws}/unknown.json"}, "unknown key 'seq-lenght'"),
+    ("config wrong type", {"config": "{ws}/wrongtype.yaml"}, "seq-length: got 'long'; expected int"),
+    ("config not a mapping", {"config": "{ws}/list.yaml"}, "expected a mapping"),
+    ("config missing", {"config": "{ws}/nope.yaml"}, "--config {ws}/nope.yaml: file not found"),
+    # DeepSpeed configs
+    ("ds missing", {"ds_config": "{ws}/nope.json"}, "--ds_config {ws}/nope.json: file not found"),
+    ("ds syntax", {"ds_config": "{ws}/ds_bad.json"}, "invalid JSON"),
+    ("ds stage", {"ds_config": "{ws}/ds_stage5.json"}, "zero_optimization.stage: got 5"),
+    ("ds contradicts flags", {"ds_config": "{ws}/ds_batch.json"}, "train_batch_size=999 contradicts the flags (4)"),
+    ("ds fp16", {"ds_config": "{ws}/ds_fp16.json"}, "fp16 is not supported; use --bf16"),
+    ("ds optimizer", {"ds_config": "{ws}/ds_sgd.json"}, "optimizer.type 'SGD'"),
+    # data
+    ("data missing", {"data-path": "{ws}/nope"}, "nope"),
+    ("data truncated", {"data-path": "{ws}/truncated"}, "truncated"),
+    ("data float dtype", {"data-path": "{ws}/float"}, "float32"),
+    ("data empty", {"data-path": "{ws}/empty"}, "empty"),
+    ("split without train", {"split": "0,1"}, "data.split: got '0,1'"),
+    # tokenizers
+    ("tokenizer missing", {"tokenizer-model": "{ws}/nope.model"}, "nope.model"),
+    ("tokenizer garbage", {"tokenizer-model": "{ws}/garbage.model"}, "garbage.model"),
+    ("tokenizer larger than model", {"model-config": "{ws}/small_vocab_model.json"},
+     "has 1000 tokens, more than the model's vocab_size 500"),
+    # HF checkpoints
+    ("hf no config", {"hf-checkpoint": "{ws}/hf_noconfig", "model-config": None}, "no config.json there"),
+    ("hf missing tensor", {"hf-checkpoint": "{ws}/hf_missing", "model-config": None},
+     "missing tensor model.layers.0.self_attn.k_proj.weight"),
+    ("hf wrong shape", {"hf-checkpoint": "{ws}/hf_shape", "model-config": None},
+     "model.layers.1.mlp.down_proj.weight has shape (64, 100), config.json implies (64, 128)"),
+    ("hf wrong dtype", {"hf-checkpoint": "{ws}/hf_dtype", "model-config": None}, "model.norm.weight has dtype torch.int64"),
+    ("hf vocab smaller than tokenizer", {"hf-checkpoint": "{ws}/hf_small_vocab", "model-config": None},
+     "more than the model's vocab_size 500"),
+    # checkpoints
+    ("checkpoint of another model", {"load": "{ws}/ckpt", "save": "{ws}/ckpt", "model-config": "tiny"},
+     "is of another model (ffn_hidden_size=128 vs 768"),
+    ("load without checkpoint", {"load": "{ws}/hf_missing"}, "no checkpoint there"),
+    ("load incomplete", {"load": "{ws}/incomplete", "save": "{ws}/incomplete"}, "incomplete or missing"),
+    ("save over checkpoints", {"save": "{ws}/ckpt"}, "already holds checkpoints"),
+]
+
+
+def test_catalog_of_bad_inputs(ws, capsys):
+    from pretrain import main
+
+    assert len(CASES) >= 25
+    before = _digest(ws)
+    for name, over, msg in CASES:
+        over = {k: (v.format(ws=ws) if isinstance(v, str) else v) for k, v in over.items()}
+        rc = main([str(a) for a in _argv(ws, **over)])
+        err = capsys.readouterr().err.strip()
+        msg = msg.format(ws=ws)
+        assert rc != 0, name
+        assert msg in err, (name, msg, err)
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, (name, err)
+    assert _digest(ws) == before  # nothing overwritten, deleted or added
