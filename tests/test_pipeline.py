@@ -119,3 +119,20 @@ def test_export_refuses_to_overwrite(uninterrupted, tmp_path):
     shutil.rmtree(out)
     assert export_main(["--load", str(uninterrupted[0] / "ckpt"), "--output", str(out)]) == 0
     assert (out / "config.json").is_file()
+
+
+def test_recompute_zero1_and_bf16_train_like_the_reference(corpus, reference_run, tmp_path):
+    """Activation recompute (which re-derives SAT's selection in the backward pass) under
+    ZeRO-1 computes the reference's losses; bf16 stays within bf16 rounding of them."""
+    ref = reference_run[2]
+    tb = tmp_path / "recompute"
+    torchrun(2, _flags(corpus, **{"recompute-activations": True, "ds_config": REPO / "configs" / "ds_zero1.json",
+                                  "tensorboard-dir": tb}))
+    got = scalars(tb, "lm loss")
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+    tb16 = tmp_path / "bf16"
+    torchrun(2, _flags(corpus, **{"bf16": True, "train-iters": 6, "tensorboard-dir": tb16}))
+    got16 = scalars(tb16, "lm loss")
+    for step in range(1, 7):
+        assert got16[step] == pytest.approx(ref[step], abs=3e-2), step
