@@ -1,0 +1,52 @@
+"""tools/bench_sat.py runs (tiny shapes, CPU) and its FLOP accounting is right. No timing is
+asserted: speed is reported in docs/PERFORMANCE.md from GPU runs, not tested here."""
+
+import json
+
+import pytest
+import torch
+
+from tools.bench_sat import layer_flops, main
+from sat_dist.config import ModelConfig
+
+
+def test_layer_flops_by_hand():
+    cfg = ModelConfig(hidden_size=8, ffn_hidden_size=16, num_attention_heads=2, num_query_groups=1)
+    # per token: q/k/v/o projections 8*(8+2*4) + 8*8 = 192; MLP 3*8*16 = 384; scores s*q = 4*8
+    assert layer_flops(cfg, tokens=4, seq=4, keep_attn=1, keep_mlp=1) == 6 * 4 * (192 + 384) + 6 * 4 * 4 * 8
+    assert layer_flops(cfg, 4, 4, 0.5, 0.25) == 6 * 4 * (96 + 96) + 6 * 4 * 4 * 4
+
+
+def test_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["--device", "cpu", "--dtype", "fp32", "--shapes", "tiny", "--warmup", "0", "--iters", "1",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"device", "date", "commit", "command", "layer"} <= set(report)
+    rows = {(r["omission_attn"], r["omission_mlp"]): r for r in report["layer"]}
+    assert len(rows) == 5
+    half = rows[(0.5, 0.5)]
+    assert (half["kept_attn"], half["kept_mlp"]) == (2, 384)  # 4 heads, 768 channels (align 32)
+    assert half["flop_ideal_speedup"] == pytest.approx(2.0)
+    assert rows[(0.0, 0.0)]["speedup"] == 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse_mlp_on_gpu_equals_cpu():
+    from sat_dist.config import SATConfig
+    from sat_dist.model.llama import SATMLP
+    from sat_dist.model.sat_state import SATState
+
+    cfg = ModelConfig(hidden_size=256, ffn_hidden_size=1024)
+    state = SATState(SATConfig(align_mlp=128, token_stride=1).validate())
+    state.forced[(0, "mlp")] = torch.arange(0, 1024, 2)
+    torch.manual_seed(0)
+    cpu = SATMLP(cfg, 0, state, state.comm)
+    gpu = SATMLP(cfg, 0, state, state.comm).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(2, 64, 256)
+    y_cpu, y_gpu = cpu(x), gpu(x.cuda())
+    y_cpu.sum().backward()
+    y_gpu.sum().backward()
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu.fc1_weight.grad.cpu(), cpu.fc1_weight.grad, atol=1e-4, rtol=1e-4)
