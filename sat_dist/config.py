@@ -180,8 +180,8 @@ class ModelConfig:
         return cls(**load_fields(path, cls, "model config")).validate()
 
 
-def load_fields(path: str | Path, cls, what: str) -> dict:
-    """Read a JSON object from `path` and check its keys are fields of `cls`."""
+def read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON object from `path`; a missing file or bad JSON is one clear error naming `what`."""
     path = Path(path)
     if not path.is_file():
         raise SatDistError(f"{what} {path}: file not found")
@@ -191,6 +191,12 @@ def load_fields(path: str | Path, cls, what: str) -> dict:
         raise SatDistError(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}")
     if not isinstance(data, dict):
         raise SatDistError(f"{what} {path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_fields(path: str | Path, cls, what: str) -> dict:
+    """Read a JSON object from `path` and check its keys are fields of `cls`."""
+    data = read_json_object(path, what)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -206,4 +212,4 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
-__all__ = ["SATConfig", "ModelConfig", "METRICS", "SELECTIONS", "SCHEDULES", "load_fields"]
+__all__ = ["SATConfig", "ModelConfig", "METRICS", "SELECTIONS", "SCHEDULES", "load_fields", "read_json_object"]

@@ -7,8 +7,6 @@ TensorBoard files read back with tensorboard's own reader.
 
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch

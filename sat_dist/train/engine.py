@@ -8,15 +8,13 @@ value that contradicts a flag is an error rather than a silent choice.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from sat_dist.config import ModelConfig, SATConfig
+from sat_dist.config import ModelConfig, SATConfig, read_json_object
 from sat_dist.errors import SatDistError
 from sat_dist.model.llama import LlamaModel, check_tensor_parallel
 from sat_dist.model.sat_state import SATState
@@ -31,15 +29,7 @@ DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 3}}
 def load_ds_config(path: Optional[str]) -> dict:
     if path is None:
         return copy.deepcopy(DEFAULT_DS_CONFIG)
-    f = Path(path)
-    if not f.is_file():
-        raise SatDistError(f"--ds_config {path}: file not found")
-    try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise SatDistError(f"--ds_config {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}")
-    if not isinstance(cfg, dict):
-        raise SatDistError(f"--ds_config {path}: expected a JSON object")
+    cfg = read_json_object(path, "--ds_config")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise SatDistError(f"--ds_config {path}: zero_optimization.stage: got {stage!r}; allowed: 0, 1, 2, 3")
