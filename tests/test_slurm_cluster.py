@@ -1,25 +1,27 @@
 """launch/slurm/pretrain_tiny_cpu.sbatch on a real SLURM: two fake nodes on this machine.
 
-The first job trains across both nodes to the end. The second gets the pre-timeout signal
-mid-training (`scancel --signal=USR1 --batch`, what `--signal=B:USR1@...` sends): the batch
-script forwards it to the step, the trainer saves and exits, the script requeues the job,
-and the requeued job resumes from the checkpoint to the last iteration. Skipped, with the
-reason, where SLURM cannot be brought up (not root, no apt-get).
+The first job trains across both nodes to the end. The others (one per launcher: srun, and
+torchrun, whose agent must survive the signal) get the pre-timeout signal mid-training
+(`scancel --signal=USR1 --batch`, what `--signal=B:USR1@...` sends): the batch script
+forwards it to the step, the trainer saves and exits, the script requeues the job, and the
+requeued job resumes from the checkpoint to the last iteration. Skipped, with the
+reason, where SLURM cannot be brought up (not root, no apt-get). `corpus` is conftest's.
 """
 
-import os
 import re
+import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import NODES, Cluster, Unavailable, _free_port
+from tests.slurm_cluster import NODES, Cluster, Unavailable, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "launch" / "slurm" / "pretrain_tiny_cpu.sbatch")
+# "preempted: saved ..." or "preempted (SIGUSR1): saved ..."
+PREEMPTED = re.compile(r"preempted(?: \([^)]*\))?: saved checkpoint at iteration (\d+)")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -34,25 +36,9 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from sat_dist.data.indexed import IndexedDatasetWriter, token_dtype
-    from sat_dist.data.tokenizer import load_tokenizer, train_sentencepiece
-
-    d = tmp_path_factory.mktemp("corpus")
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
-    tok_path = train_sentencepiece(files, d / "tok", vocab_size=1000)
-    tok = load_tokenizer(tok_path)
-    with IndexedDatasetWriter(d / "stdlib", token_dtype(tok.vocab_size)) as w:
-        for f in files:
-            w.add_document(tok.encode(f.read_text()) + [tok.eos_id])
-        w.finalize()
-    return {"data": str(d / "stdlib"), "tok": str(tok_path)}
-
-
 def _job_env(cluster, corpus, run_dir, **over):
     env = dict(cluster.env, DATA_PATH=corpus["data"], TOKENIZER_MODEL=corpus["tok"], RUN_DIR=str(run_dir),
-               PYTHON=sys.executable, OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+               PYTHON=sys.executable, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     env.update({k: str(v) for k, v in over.items()})
     return env
@@ -91,7 +77,10 @@ def test_trains_across_two_nodes(cluster, corpus, tmp_path):
     iters = 4
     log, run = tmp_path / "job.out", tmp_path / "run"
     env = _job_env(cluster, corpus, run, TRAIN_ITERS=iters)
-    r = _sbatch(cluster, env, log, "--wait", timeout=150)
+    try:  # 240 s: a fresh machine also JIT-builds DeepSpeed's CPU shm op (~1 min) here
+        r = _sbatch(cluster, env, log, "--wait", timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"sbatch --wait still waiting after 240 s\n{_diagnose(cluster, log)}")
     assert r.returncode == 0, f"sbatch --wait exited {r.returncode}: {r.stderr}\n{_diagnose(cluster, log)}"
     job_id = r.stdout.strip().split(";")[0]
     text = log.read_text()
@@ -114,11 +103,12 @@ def _wait_for(pred, timeout, what, cluster, log, step=0.2):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{_diagnose(cluster, log)}")
 
 
-def test_preempted_job_requeues_and_resumes(cluster, corpus, tmp_path):
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_preempted_job_requeues_and_resumes(cluster, corpus, tmp_path, launcher):
     iters = 30
     log, run = tmp_path / "job.out", tmp_path / "run"
     # no periodic saves: the only mid-run checkpoint is the one the signal asks for
-    env = _job_env(cluster, corpus, run, TRAIN_ITERS=iters, SAVE_INTERVAL=0, EVAL_INTERVAL=0)
+    env = _job_env(cluster, corpus, run, TRAIN_ITERS=iters, SAVE_INTERVAL=0, EVAL_INTERVAL=0, LAUNCHER=launcher)
     r = _sbatch(cluster, env, log, timeout=30)
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().split(";")[0]
@@ -136,23 +126,31 @@ def test_preempted_job_requeues_and_resumes(cluster, corpus, tmp_path):
     sig = cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     assert sig.returncode == 0, sig.stderr
 
+    held_since = []
+
     def requeued_or_done():
         s, reason = state()
         if s == "PENDING" and reason == "BeginTime":
             # SLURM holds a requeued batch job ~2 min before it is eligible again; an operator
-            # may release it, and the test does, to stay fast.
-            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            # may release it, and the test does, to stay fast. Not at once: slurmd refuses a
+            # job credential issued in the same second the old one was revoked ("Job
+            # credential revoked", the job FAILS); that is what the hold is for.
+            held_since.append(time.monotonic())
+            if time.monotonic() - held_since[0] > 3:
+                cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         return s if s in FINAL_STATES else None
 
     final = _wait_for(requeued_or_done, 150, "the requeued job to finish", cluster, log, step=0.3)
     text = log.read_text()
-    if "preempted: saved checkpoint" not in text:
+    preempted = PREEMPTED.search(text)
+    if not preempted:
         pytest.fail("the trainer did not save on SIGUSR1 (no 'preempted: saved checkpoint' line; "
                     f"does pretrain.py handle SIGUSR1 yet?)\n{_diagnose(cluster, log)}")
     assert final == "COMPLETED", _diagnose(cluster, log)
     assert cluster.job_field(job_id, "Restarts") == "1", _diagnose(cluster, log)
-    saved = int(re.search(r"preempted: saved checkpoint at iteration (\d+)", text).group(1))
+    saved = int(preempted.group(1))
     assert 2 <= saved < iters, saved
+    assert f"launcher {launcher}" in text and "TP 1 x DP 2" in text, text[-3000:]
     assert "sat_dist: SIGUSR1" in text and f"requeueing job {job_id}" in text, text[-3000:]
     assert re.search(rf"resumed from \S+ at iteration {saved}\b", text), text[-3000:]
     assert f"iteration {iters:8d}/{iters:8d}" in text, text[-3000:]
