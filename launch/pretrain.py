@@ -25,8 +25,11 @@ DEFAULT_RUN = Path("runs/default")
 
 def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the deepspeed launcher does not set it
-    # DeepSpeed calls torch.distributed's old collective names every step; not ours to fix.
+    # Other packages' notices that a user cannot act on: DeepSpeed calls torch.distributed's
+    # old collective names every step; megatron-core announces its fallbacks on import.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
     try:
         return _run(argv)
     except SatDistError as e:
@@ -45,6 +48,9 @@ def main(argv=None) -> int:
 
 
 def _run(argv) -> int:
+    from sat_dist.train.preemption import PreemptionFlag
+
+    PreemptionFlag.install()  # before anything slow: a SLURM signal during start-up is kept
     from sat_dist.train.arguments import load_model_config, parse_args
 
     run = parse_args(argv)
@@ -60,7 +66,7 @@ def _run(argv) -> int:
     import torch.distributed as dist
 
     from sat_dist.checkpoint.hf import load_hf_checkpoint
-    from sat_dist.checkpoint.state import check_resume, check_save_dir
+    from sat_dist.checkpoint.state import check_resume, check_same_model, check_save_dir
     from sat_dist.model.llama import check_tensor_parallel
     from sat_dist.parallel.state import init_distributed
     from sat_dist.train.engine import build_engine, deepspeed_config
@@ -71,6 +77,9 @@ def _run(argv) -> int:
     hf_sd = None
     if t.hf_checkpoint:
         model_cfg, hf_sd = load_hf_checkpoint(t.hf_checkpoint)
+        if run.model_config_path is not None:  # both given: they must describe the same model
+            check_same_model(load_model_config(run.model_config_path), model_cfg,
+                             f"--model-config {t.model_config} and --hf-checkpoint {t.hf_checkpoint}")
     else:
         model_cfg = load_model_config(run.model_config_path)
     tp = t.tensor_model_parallel_size

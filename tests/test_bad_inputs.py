@@ -62,6 +62,7 @@ def ws(corpus, reference_run, hf_init, tmp_path_factory):
     hf_variant("hf_small_vocab", lambda sd: [sd.__setitem__(k, sd[k][:500]) for k in
                                             ("model.embed_tokens.weight", "lm_head.weight")],
                lambda c: c.__setitem__("vocab_size", 500))
+    hf_variant("hf_good")
     hf_variant("hf_noconfig")
     (w / "hf_noconfig" / "config.json").unlink()
     (w / "bad.yaml").write_text("seq-length: [1, 2\n")
@@ -141,6 +142,8 @@ CASES = [
     ("hf wrong shape", {"hf-checkpoint": "{ws}/hf_shape", "model-config": None},
      "model.layers.1.mlp.down_proj.weight has shape (64, 100), config.json implies (64, 128)"),
     ("hf wrong dtype", {"hf-checkpoint": "{ws}/hf_dtype", "model-config": None}, "model.norm.weight has dtype torch.int64"),
+    ("hf disagrees with model config", {"hf-checkpoint": "{ws}/hf_good", "model-config": "tiny"},
+     "is of another model (ffn_hidden_size=768 vs 128"),
     ("hf vocab smaller than tokenizer", {"hf-checkpoint": "{ws}/hf_small_vocab", "model-config": None},
      "more than the model's vocab_size 500"),
     # checkpoints

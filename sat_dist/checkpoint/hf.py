@@ -10,6 +10,7 @@ tests compare logits with transformers itself.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -89,17 +90,57 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
-    """One clear error for a missing tensor, a wrong shape or a non-float dtype."""
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class HFTensors(Mapping):
+    """The tensors of an HF safetensors checkpoint (one file or sharded), read from disk one at a
+    time when accessed: sharding for a TP rank never holds the whole model in memory."""
+
+    def __init__(self, path: Path, files: list[str]):
+        from safetensors import safe_open
+
+        self._handles, self._file_of, self.header = {}, {}, {}
+        for f in files:
+            try:
+                h = safe_open(str(path / f), framework="pt")
+                for name in h.keys():
+                    sl = h.get_slice(name)
+                    self.header[name] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+                    self._file_of[name] = f
+            except Exception as e:  # safetensors raises several types for a damaged file
+                raise SatDistError(f"--hf-checkpoint {path}: cannot read {f}: {e}".splitlines()[0])
+            self._handles[f] = h
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise KeyError(name)
+        return self._handles[self._file_of[name]].get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+
+def check_hf_state_dict(sd: Mapping, cfg: ModelConfig, where: str) -> None:
+    """One clear error for a missing tensor, a wrong shape or a non-float dtype (read from the
+    safetensors headers for an HFTensors, without loading the data)."""
+    header = sd.header if isinstance(sd, HFTensors) else {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
     for name, shape in expected_hf_shapes(cfg).items():
-        t = sd.get(name)
-        if t is None:
+        if name not in header:
             raise SatDistError(f"HF checkpoint {where}: missing tensor {name}")
-        if tuple(t.shape) != shape:
-            raise SatDistError(f"HF checkpoint {where}: {name} has shape {tuple(t.shape)}, "
+        got_shape, dtype = header[name]
+        if got_shape != shape:
+            raise SatDistError(f"HF checkpoint {where}: {name} has shape {got_shape}, "
                                f"config.json implies {shape}")
-        if not t.is_floating_point():
-            raise SatDistError(f"HF checkpoint {where}: {name} has dtype {t.dtype}; expected a float dtype")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise SatDistError(f"HF checkpoint {where}: {name} has dtype {dtype}; expected a float dtype")
 
 
 def _rows(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
@@ -107,7 +148,7 @@ def _rows(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
     return t[rank * n:(rank + 1) * n]
 
 
-def shard_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
+def shard_hf_state_dict(sd: Mapping, cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
     """Local tensors of TP rank `rank` (names of LlamaModel.state_dict())."""
     h, d, r, G = cfg.hidden_size, cfg.head_dim, cfg.heads_per_group, cfg.num_query_groups
     vp = cfg.padded_vocab_size(tp)
@@ -164,10 +205,9 @@ def merge_tp_state_dicts(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def load_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read config.json and the safetensors weights (single file or sharded index)."""
-    from safetensors.torch import load_file
-
+def load_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, HFTensors]:
+    """config.json and the safetensors weights (one file or a sharded index), checked by their
+    headers; the tensors themselves are read when accessed."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -183,12 +223,10 @@ def load_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.T
         files = ["model.safetensors"]
     else:
         raise SatDistError(f"--hf-checkpoint {path}: no model.safetensors or model.safetensors.index.json")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            sd.update(load_file(str(path / f)))
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise SatDistError(f"--hf-checkpoint {path}: cannot read {f}: {e}".splitlines()[0])
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise SatDistError(f"--hf-checkpoint {path}: {missing[0]} is listed in the index but missing")
+    sd = HFTensors(path, files)
     check_hf_state_dict(sd, cfg, str(path))
     return cfg, sd
 

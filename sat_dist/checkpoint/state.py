@@ -143,13 +143,8 @@ def check_resume(ckpt_dir: str, model_cfg: ModelConfig) -> tuple[str, dict]:
         raise SatDistError(f"--load {ckpt_dir}: no checkpoint there (no {LATEST} file); "
                            f"drop --load to start fresh")
     m = read_manifest(d, tag)
-    saved = ModelConfig(**m["model"])
-    mine, theirs = _shape_fields(model_cfg), _shape_fields(saved)
-    if mine != theirs:
-        diff = sorted(k for k in mine if mine[k] != theirs[k])
-        raise SatDistError(f"--load {ckpt_dir}: checkpoint {tag} is of another model "
-                           f"({', '.join(f'{k}={theirs[k]} vs {mine[k]}' for k in diff)}); "
-                           f"use the --model-config it was trained with")
+    check_same_model(ModelConfig(**m["model"]), model_cfg, f"--load {ckpt_dir}: checkpoint {tag}",
+                     "use the --model-config it was trained with")
     for r in range(m["tensor_model_parallel_size"]):
         for dp in range(m["data_parallel_size"]):
             if not (d / tag / state_file(r, dp)).is_file():
@@ -288,6 +283,15 @@ def _json_default(o):
     if torch.is_tensor(o):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def check_same_model(theirs: ModelConfig, mine: ModelConfig, what: str,
+                     fix: str = "make them describe the same model") -> None:
+    """One error naming every shape field in which two model configs differ."""
+    a, b = _shape_fields(theirs), _shape_fields(mine)
+    if a != b:
+        diff = ", ".join(f"{k}={a[k]} vs {b[k]}" for k in sorted(k for k in a if a[k] != b[k]))
+        raise SatDistError(f"{what} is of another model ({diff}); {fix}")
 
 
 def _shape_fields(cfg: ModelConfig) -> dict:

@@ -80,8 +80,9 @@ class TrainConfig:
     """Console log every this many steps."""
     seed: int = 1234
     """Seed of initialisation, data order and SAT selection."""
-    model_config: str = "tiny"
-    """A name in configs/model/ or a path to a model JSON."""
+    model_config: Optional[str] = None
+    """A name in configs/model/ or a path to a model JSON (default: tiny, or the shape of
+    --hf-checkpoint; given with it, the two must agree)."""
     hf_checkpoint: Optional[str] = None
     """HF Llama directory with the initial weights (continual pre-training)."""
     ds_config: Optional[str] = None
@@ -157,7 +158,7 @@ class RunConfig:
     train: TrainConfig
     sat: SATConfig
     model_config_path: Optional[Path]
-    """The model JSON (None when the model comes from --hf-checkpoint)."""
+    """The model JSON (None when only --hf-checkpoint gives the model)."""
 
 
 def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
@@ -182,7 +183,9 @@ def config_from_namespace(ns: argparse.Namespace) -> RunConfig:
         align_mlp=ns.sat_align_mlp, align_attn=ns.sat_align_attn,
         token_stride=ns.sat_token_stride, seed=ns.seed,
     ).validate()
-    model_path = None if train.hf_checkpoint else resolve_model_config(train.model_config)
+    if train.model_config is None and not train.hf_checkpoint:
+        train.model_config = "tiny"
+    model_path = resolve_model_config(train.model_config) if train.model_config else None
     return RunConfig(train, sat, model_path)
 
 

@@ -95,6 +95,11 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
                  hf_state_dict: Optional[dict] = None) -> Engine:
     import deepspeed
 
+    # On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce for inference at its first
+    # init (30-70 s, and a build killed midway leaves a lock that hangs every later run).
+    # Training never uses it; marking it unavailable skips the build.
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # DeepSpeed's own comm layer must wrap the process group we made, or its config code
     # silently falls back to a world size of 1.
     deepspeed.init_distributed(dist_backend=dist.get_backend())
@@ -111,8 +116,11 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     if hf_state_dict is not None:
         from sat_dist.checkpoint.hf import shard_hf_state_dict
 
-        load_local_weights(model, shard_hf_state_dict(hf_state_dict, model_cfg, comm.tp_size, comm.tp_rank),
-                           comm, stage3)
+        # Under ZeRO-3 only DP rank 0 of each TP partition reads the weights (and only its
+        # TP shard, one tensor at a time); the write broadcasts them to the DP group.
+        reads = not stage3 or comm.dp_rank == 0
+        local = shard_hf_state_dict(hf_state_dict, model_cfg, comm.tp_size, comm.tp_rank) if reads else None
+        load_local_weights(model, local, comm, stage3)
     decay = [p for n, p in model.named_parameters() if not n.endswith("layernorm.weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("layernorm.weight")]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -129,25 +137,27 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
 
 
 @torch.no_grad()
-def load_local_weights(model: LlamaModel, local: dict[str, torch.Tensor], comm: ParallelComm,
+def load_local_weights(model: LlamaModel, local: Optional[dict[str, torch.Tensor]], comm: ParallelComm,
                        stage3: bool) -> None:
-    """Write a TP rank's local tensors into the (possibly ZeRO-3 partitioned) model."""
+    """Write a TP rank's local tensors into the (possibly ZeRO-3 partitioned) model. Under
+    ZeRO-3, ranks other than DP rank 0 pass None: they only take part in the collectives."""
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(local))
+    missing = sorted(set(params) - set(local)) if local is not None else []
     if missing:
         raise SatDistError(f"weights: missing {missing[0]} (and {len(missing) - 1} more)")
     for name, p in params.items():
-        write_local_weight(p, name, local[name], comm, stage3)
+        write_local_weight(p, name, None if local is None else local[name], comm, stage3)
 
 
 @torch.no_grad()
-def write_local_weight(p: torch.nn.Parameter, name: str, value: torch.Tensor, comm: ParallelComm,
+def write_local_weight(p: torch.nn.Parameter, name: str, value: Optional[torch.Tensor], comm: ParallelComm,
                        stage3: bool) -> None:
-    """Write one parameter's TP-local tensor; a collective over the DP group under ZeRO-3."""
+    """Write one parameter's TP-local tensor; a collective over the DP group under ZeRO-3,
+    where only DP rank 0 needs the value (the others may pass None)."""
     import deepspeed
 
     shape = tuple(p.ds_shape if stage3 else p.shape)
-    if tuple(value.shape) != shape:
+    if value is not None and tuple(value.shape) != shape:
         raise SatDistError(f"weights: {name} has shape {tuple(value.shape)}, the model expects {shape}")
     # DeepSpeed 0.19 reads modifier_rank as a rank WITHIN the parameter's DP group (it maps
     # it to a global rank itself); older notes say global. Either way a wrong reading drops
@@ -156,6 +166,6 @@ def write_local_weight(p: torch.nn.Parameter, name: str, value: torch.Tensor, co
         if not stage3 or comm.dp_rank == 0:
             p.copy_(value.to(p.dtype))
     with deepspeed.zero.GatheredParameters([p], enabled=stage3):
-        if not torch.equal(p.detach().cpu(), value.to(p.dtype)):
+        if value is not None and not torch.equal(p.detach().cpu(), value.to(p.dtype)):
             raise SatDistError(f"weights: writing {name} into the ZeRO-3 partitions did not take "
                                f"(DeepSpeed {deepspeed.__version__}); please report this")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import resource
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,6 +21,7 @@ from sat_dist.train.arguments import RunConfig
 from sat_dist.train.engine import Engine
 from sat_dist.faults import fault_point
 from sat_dist.train.metrics import TensorBoardLog, model_flops
+from sat_dist.train.preemption import PreemptionFlag
 
 H100_PEAK_BF16 = 989e12
 
@@ -36,33 +35,6 @@ class Progress:
     preempted: bool = False
     losses: list = field(default_factory=list)
     """(iteration, lm loss) of every step, on every rank (tests read it)."""
-
-
-class PreemptionFlag:
-    """SIGTERM / SIGUSR1 (SLURM's warning before a time limit) ask for a checkpoint at the
-    next step boundary. Ranks agree through one all-reduce per step, so a signal that
-    reached only some ranks still stops all of them at the same step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: Optional[str] = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def any_rank(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _device() -> torch.device:
@@ -150,19 +122,20 @@ class Trainer:
             self.log(f"nothing to train: the checkpoint is at iteration {p.iteration} of {self.last}; "
                      f"raise --train-iters to continue")
         self.tb = TensorBoardLog(t.tensorboard_dir, self.rank0)
-        preemption = PreemptionFlag()
+        preemption = PreemptionFlag.install()
         self._interval = (time.perf_counter(), 0)
         try:
             while p.iteration < self.last:
-                self._step()
-                if p.iteration == self.last:
-                    break
-                if self.valid_ds is not None and t.eval_interval and p.iteration % t.eval_interval == 0:
-                    self._validate()
-                # No saves during a non-finite streak: resume must pick a checkpoint from before it.
-                if t.save and t.save_interval and p.iteration % t.save_interval == 0 and not p.skipped_in_row:
-                    self._save()
-                fault_point("sigusr1", p.iteration)
+                if p.iteration > start_iter or not preemption.any_rank(self.dev):  # a signal in start-up
+                    self._step()
+                    if p.iteration == self.last:
+                        break
+                    if self.valid_ds is not None and t.eval_interval and p.iteration % t.eval_interval == 0:
+                        self._validate()
+                    # No saves in a non-finite streak: resume must pick a checkpoint from before it.
+                    if t.save and t.save_interval and p.iteration % t.save_interval == 0 and not p.skipped_in_row:
+                        self._save()
+                    fault_point("sigusr1", p.iteration)
                 if preemption.any_rank(self.dev):
                     if t.save:
                         self._save()
