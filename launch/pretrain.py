@@ -51,7 +51,7 @@ def _run(argv) -> int:
     from sat_dist.train.preemption import PreemptionFlag
 
     PreemptionFlag.install()  # before anything slow: a SLURM signal during start-up is kept
-    from sat_dist.train.arguments import load_model_config, parse_args
+    from sat_dist.train.arguments import load_model_config, parse_args, run_definition
 
     run = parse_args(argv)
     t = run.train
@@ -92,7 +92,7 @@ def _run(argv) -> int:
     if not default_job:
         datasets = _open_data(t, model_cfg)
     check_save_dir(t.save, t.load)
-    resume = check_resume(t.load, model_cfg) if t.load else None
+    resume = check_resume(t.load, model_cfg, run_definition(run, model_cfg)) if t.load else None
     comm = init_distributed(t.tensor_model_parallel_size)
     rank0 = dist.get_rank() == 0
     log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)

@@ -63,6 +63,9 @@ def ws(corpus, reference_run, hf_init, tmp_path_factory):
                                             ("model.embed_tokens.weight", "lm_head.weight")],
                lambda c: c.__setitem__("vocab_size", 500))
     hf_variant("hf_good")
+    hf_variant("hf_rope_scaled", config_edit=lambda c: c.__setitem__(
+        "rope_parameters", {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}))
+    hf_variant("hf_bias", lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)))
     hf_variant("hf_noconfig")
     (w / "hf_noconfig" / "config.json").unlink()
     (w / "bad.yaml").write_text("seq-length: [1, 2\n")
@@ -75,6 +78,9 @@ def ws(corpus, reference_run, hf_init, tmp_path_factory):
     (w / "ds_batch.json").write_text('{"zero_optimization": {"stage": 3}, "train_batch_size": 999}')
     (w / "ds_fp16.json").write_text('{"zero_optimization": {"stage": 3}, "fp16": {"enabled": true}}')
     (w / "ds_sgd.json").write_text('{"zero_optimization": {"stage": 3}, "optimizer": {"type": "SGD"}}')
+    (w / "ds_lr.json").write_text('{"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}')
+    (w / "ds_bf16.json").write_text('{"zero_optimization": {"stage": 3}, "bf16": {"enabled": true}}')
+    (w / "ds_sched.json").write_text('{"zero_optimization": {"stage": 3}, "scheduler": {"type": "WarmupLR"}}')
     (w / "small_vocab_model.json").write_text(json.dumps({
         "name": "small-vocab", "hidden_size": 64, "ffn_hidden_size": 128, "num_layers": 1,
         "num_attention_heads": 4, "num_query_groups": 4, "vocab_size": 500}))
@@ -124,6 +130,9 @@ CASES = [
     ("ds contradicts flags", {"ds_config": "{ws}/ds_batch.json"}, "train_batch_size=999 contradicts the flags (4)"),
     ("ds fp16", {"ds_config": "{ws}/ds_fp16.json"}, "fp16 is not supported; use --bf16"),
     ("ds optimizer", {"ds_config": "{ws}/ds_sgd.json"}, "optimizer.type 'SGD'"),
+    ("ds lr contradicts --lr", {"ds_config": "{ws}/ds_lr.json"}, "optimizer.params.lr=0.1 contradicts the flags"),
+    ("ds bf16 contradicts flags", {"ds_config": "{ws}/ds_bf16.json"}, "bf16.enabled=True contradicts the flags"),
+    ("ds scheduler", {"ds_config": "{ws}/ds_sched.json"}, "has a scheduler"),
     # data
     ("data missing", {"data-path": "{ws}/nope"}, "nope"),
     ("data truncated", {"data-path": "{ws}/truncated"}, "truncated"),
@@ -144,11 +153,16 @@ CASES = [
     ("hf wrong dtype", {"hf-checkpoint": "{ws}/hf_dtype", "model-config": None}, "model.norm.weight has dtype torch.int64"),
     ("hf disagrees with model config", {"hf-checkpoint": "{ws}/hf_good", "model-config": "tiny"},
      "is of another model (ffn_hidden_size=768 vs 128"),
+    ("hf rope scaling", {"hf-checkpoint": "{ws}/hf_rope_scaled", "model-config": None}, "RoPE scaling (llama3)"),
+    ("hf bias tensor", {"hf-checkpoint": "{ws}/hf_bias", "model-config": None},
+     "unexpected tensor model.layers.0.self_attn.q_proj.bias"),
     ("hf vocab smaller than tokenizer", {"hf-checkpoint": "{ws}/hf_small_vocab", "model-config": None},
      "more than the model's vocab_size 500"),
     # checkpoints
     ("checkpoint of another model", {"load": "{ws}/ckpt", "save": "{ws}/ckpt", "model-config": "tiny"},
      "is of another model (ffn_hidden_size=128 vs 768"),
+    ("resume with another --lr", {"load": "{ws}/ckpt", "save": "{ws}/ckpt", "lr": 0.001},
+     "was trained with --train-iters 6 (this run: 2)"),
     ("load without checkpoint", {"load": "{ws}/hf_missing"}, "no checkpoint there"),
     ("load incomplete", {"load": "{ws}/incomplete", "save": "{ws}/incomplete"}, "incomplete or missing"),
     ("save over checkpoints", {"save": "{ws}/ckpt"}, "already holds checkpoints"),

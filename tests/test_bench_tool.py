@@ -28,7 +28,16 @@ def test_benchmark_runs_and_reports(tmp_path):
     half = rows[(0.5, 0.5)]
     assert (half["kept_attn"], half["kept_mlp"]) == (2, 384)  # 4 heads, 768 channels (align 32)
     assert half["flop_ideal_speedup"] == pytest.approx(2.0)
-    assert rows[(0.0, 0.0)]["speedup"] == 1.0
+    assert rows[(0.0, 0.5)]["flop_ideal_speedup"] == pytest.approx(
+        layer_flops_tiny(1, 1) / layer_flops_tiny(1, 384 / 768))
+
+
+def layer_flops_tiny(keep_attn, keep_mlp):
+    from tools.bench_sat import SHAPES, SEQS
+
+    cfg = ModelConfig(**SHAPES["tiny"])
+    seq, micro = SEQS["tiny"][0]
+    return layer_flops(cfg, seq * micro, seq, keep_attn, keep_mlp)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -54,6 +54,22 @@ def test_kill_in_the_middle_of_a_save(corpus, reference, tmp_path):
     assert (ckpt / "iter_0000004" / "sat_dist.json").is_file()  # redone cleanly
 
 
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def test_sigkill_launcher_at_a_random_point(corpus, reference, tmp_path):
     ckpt = tmp_path / "ckpt"
     stop_after = random.Random().randint(1, 3)
@@ -66,7 +82,13 @@ def test_sigkill_launcher_at_a_random_point(corpus, reference, tmp_path):
         for line in proc.stdout:  # kill somewhere in the step (or save) after checkpoint stop_after
             if f"saved checkpoint at iteration {stop_after} " in line or time.time() > deadline:
                 break
-        os.killpg(proc.pid, signal.SIGKILL)  # launcher and every rank, wherever they are
+        # The launcher and every rank, wherever they are (torchrun starts its workers in
+        # sessions of their own, so killing its process group would leave them running).
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     finally:
         proc.wait(timeout=60)
     k = _latest(ckpt)
@@ -158,3 +180,20 @@ def test_resume_on_other_layouts(corpus, tmp_path):
         for step in (5, 6):
             assert got[step] == pytest.approx(ref_loss[step], rel=1e-5, abs=1e-5), (tp, world, step)
         assert scalars(d / "tb", "sat/omission-rate-mlp")[5] == 0.0
+
+
+def test_data_from_another_tokenizer_is_one_clear_error(corpus, tmp_path):
+    """Token ids that fit the file's dtype but not the model's vocabulary stop the run with
+    one line before they reach the embedding."""
+    import numpy as np
+
+    from sat_dist.data.indexed import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(tmp_path / "wide", np.uint16) as w:
+        for i in range(50):
+            w.add_document(np.arange(i * 100, i * 100 + 100) % 3000)  # ids up to 2999 > 1024
+        w.finalize()
+    r = torchrun(2, _flags(corpus, **{"data-path": tmp_path / "wide", "train-iters": 2}), check=False)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "outside the model's vocabulary (1024)" in errors[0], r.stderr[-2000:]

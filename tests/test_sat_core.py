@@ -100,6 +100,11 @@ def test_ladder_schedule_values():
         assert attn == pytest.approx(r / 2), step
 
 
+def test_short_ladder_still_ends_dense():
+    s = OmissionSchedule(SATConfig(omission_mlp=0.3).validate(), total_steps=6)  # 0.1 * 6 < 1 step
+    assert [round(s.rates(t)[1], 4) for t in range(6)] == [0.3, 0.3, 0.3, 0.225, 0.15, 0.0]
+
+
 def test_constant_and_dense_schedules():
     c = OmissionSchedule(SATConfig(schedule="constant", omission_mlp=0.5).validate(), 10)
     assert [c.rates(t)[1] for t in (0, 5, 9)] == [0.5, 0.5, 0.5]

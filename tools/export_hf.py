@@ -41,14 +41,20 @@ def export(load: str, output: str, iteration: int | None = None, dtype: str = "f
             f = d / tag / state_file(r, dp)
             if not f.is_file():
                 raise SatDistError(f"--load {load}: {f.name} missing in {tag}; the checkpoint is incomplete")
-            state = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+            try:
+                state = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+            except (OSError, RuntimeError, EOFError) as e:
+                raise SatDistError(f"--load {load}: {f.name} is unreadable ({str(e).splitlines()[0] if str(e) else e})")
             shard.update({name: entry["param"] for name, entry in state["tensors"].items()})
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise SatDistError(f"--output {output} exists and is not empty; choose a new directory")
     sd = merge_tp_state_dicts(shards, cfg)
     sd = {k: v.to(getattr(torch, DTYPES[dtype])) for k, v in sd.items()}
-    save_hf_checkpoint(out, cfg, sd)
+    try:
+        save_hf_checkpoint(out, cfg, sd, dtype=DTYPES[dtype])
+    except OSError as e:
+        raise SatDistError(f"--output {output}: cannot write ({e.strerror or e})")
     return out
 
 

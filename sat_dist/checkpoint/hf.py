@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sat_dist.checkpoint.reshard import rows as _rows
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
 
@@ -45,12 +46,21 @@ def model_config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
         raise SatDistError(f"HF config: missing field {e.args[0]!r}")
     if hf.get("head_dim") not in (None, h // heads):
         raise SatDistError(f"HF config: head_dim={hf['head_dim']} != hidden_size/num_attention_heads; unsupported")
-    if hf.get("rope_scaling"):
-        raise SatDistError("HF config: rope_scaling is not supported; use a model without it")
+    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
+    if hf.get("rope_scaling") or rope_type != "default":
+        raise SatDistError(f"HF config: RoPE scaling ({hf.get('rope_scaling') or rope_type}) is not supported; "
+                           f"use a model with plain RoPE (Llama-2, SmolLM2)")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise SatDistError(f"HF config: {key}=true is not supported; the model has no bias terms")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise SatDistError(f"HF config: hidden_act {hf['hidden_act']!r} is not supported; allowed: silu")
+    if hf.get("sliding_window") and hf.get("use_sliding_window", True):
+        raise SatDistError("HF config: sliding-window attention is not supported; use full causal attention")
     return cfg.validate()
 
 
-def hf_config_dict(cfg: ModelConfig) -> dict:
+def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict:
     """An HF LlamaConfig dict for `cfg`."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -68,7 +78,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
     }
 
 
@@ -132,7 +142,14 @@ def check_hf_state_dict(sd: Mapping, cfg: ModelConfig, where: str) -> None:
     """One clear error for a missing tensor, a wrong shape or a non-float dtype (read from the
     safetensors headers for an HFTensors, without loading the data)."""
     header = sd.header if isinstance(sd, HFTensors) else {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
-    for name, shape in expected_hf_shapes(cfg).items():
+    expected = expected_hf_shapes(cfg)
+    # tied models may carry a copy of the embedding as lm_head; rotary caches are derived
+    unexpected = sorted(n for n in header if n not in expected and n != "lm_head.weight"
+                        and not n.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise SatDistError(f"HF checkpoint {where}: unexpected tensor {unexpected[0]} (and {len(unexpected) - 1} "
+                           f"more); the model would silently ignore it (biases? another architecture?)")
+    for name, shape in expected.items():
         if name not in header:
             raise SatDistError(f"HF checkpoint {where}: missing tensor {name}")
         got_shape, dtype = header[name]
@@ -141,11 +158,6 @@ def check_hf_state_dict(sd: Mapping, cfg: ModelConfig, where: str) -> None:
                                f"config.json implies {shape}")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise SatDistError(f"HF checkpoint {where}: {name} has dtype {dtype}; expected a float dtype")
-
-
-def _rows(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
-    n = t.shape[0] // tp
-    return t[rank * n:(rank + 1) * n]
 
 
 def shard_hf_state_dict(sd: Mapping, cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
@@ -218,7 +230,10 @@ def load_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, HFTensors]:
         raise SatDistError(f"--hf-checkpoint {path}: config.json is not valid JSON ({e.msg}, line {e.lineno})")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise SatDistError(f"--hf-checkpoint {path}: model.safetensors.index.json is malformed ({type(e).__name__})")
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -232,13 +247,13 @@ def load_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, HFTensors]:
 
 
 def save_hf_checkpoint(path: str | Path, cfg: ModelConfig, sd: dict[str, torch.Tensor],
-                       max_shard_bytes: int = 5 * 2**30) -> None:
+                       max_shard_bytes: int = 5 * 2**30, dtype: str = "float32") -> None:
     """Write config.json and safetensors (sharded with an index above max_shard_bytes)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2) + "\n")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in sd.items():

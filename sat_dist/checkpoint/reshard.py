@@ -22,7 +22,8 @@ def is_replicated(name: str) -> bool:
     return name.endswith("layernorm.weight")
 
 
-def _rows(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+def rows(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    """Rank `rank`'s block of `tp` equal blocks along dim 0."""
     n = t.shape[0] // tp
     return t[rank * n:(rank + 1) * n]
 
@@ -36,9 +37,9 @@ def reshard_local(name: str, shards: list[torch.Tensor], cfg: ModelConfig, new_t
         halves = [s.chunk(2) for s in shards]
         gate = torch.cat([g for g, _ in halves])
         up = torch.cat([u for _, u in halves])
-        return torch.cat((_rows(gate, new_rank, new_tp), _rows(up, new_rank, new_tp))).clone()
+        return torch.cat((rows(gate, new_rank, new_tp), rows(up, new_rank, new_tp))).clone()
     full = torch.cat(shards)
     if name in VOCAB_PARAMS:
         v, vp = cfg.vocab_size, cfg.padded_vocab_size(new_tp)
         full = torch.cat((full[:v], full.new_zeros(vp - v, *full.shape[1:])))
-    return _rows(full, new_rank, new_tp).clone()
+    return rows(full, new_rank, new_tp).clone()

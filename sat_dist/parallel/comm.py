@@ -13,13 +13,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from sat_dist.sat.importance import no_reduce
+
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-def _no_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
-    return t
 
 
 def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -43,7 +41,7 @@ class ParallelComm:
     reduce_from_tp: Callable[[torch.Tensor], torch.Tensor] = _identity
     """All-reduce over TP forward, identity backward (output of a row-parallel product)."""
 
-    reduce_over_dp: Callable[[torch.Tensor, str], torch.Tensor] = _no_reduce
+    reduce_over_dp: Callable[[torch.Tensor, str], torch.Tensor] = no_reduce
     """Combine a SAT statistic over the data-parallel group ("sum" or "max"), no grad."""
 
     vocab_cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy
@@ -54,9 +52,6 @@ class ParallelComm:
 
     dp_rank: int = 0
     """This rank's index in its data-parallel group."""
-
-    tp_group: Optional[object] = None
-    """The torch.distributed group of the TP ranks (None in one process)."""
 
     dp_group: Optional[object] = None
     """The torch.distributed group of the DP replicas (None in one process)."""

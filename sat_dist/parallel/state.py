@@ -60,7 +60,6 @@ def comm_from_parallel_state() -> ParallelComm:
         reduce_over_dp=reduce_over_dp,
         dp_size=dp_size,
         dp_rank=ps.get_data_parallel_rank(),
-        tp_group=ps.get_tensor_model_parallel_group(),
         dp_group=dp_group,
     )
     if tp_size > 1:

@@ -3,7 +3,7 @@
 Ladder, over a run of T optimizer steps with sparse-stage rate r:
   steps [0, sparse_fraction*T)             rate r
   then ladder_steps rungs of equal length   rates r*L/(L+1), r*(L-1)/(L+1), ..., r*1/(L+1)
-  steps [(1-dense_fraction)*T, T)           rate 0 (the run ends dense)
+  steps [(1-dense_fraction)*T, T)           rate 0 (the run ends dense; at least one step)
 so the rate falls from r to 0 in L+1 equal decrements.
 """
 
@@ -33,6 +33,8 @@ class OmissionSchedule:
             return 1.0
         sparse_end = int(math.floor(cfg.sparse_fraction * T + 1e-9))
         dense_start = int(math.ceil((1.0 - cfg.dense_fraction) * T - 1e-9))
+        if cfg.dense_fraction > 0:
+            dense_start = min(dense_start, T - 1)  # a short run still ends with a dense step
         if step < sparse_end:
             return 1.0
         if step >= dense_start:

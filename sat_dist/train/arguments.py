@@ -161,6 +161,21 @@ class RunConfig:
     """The model JSON (None when only --hf-checkpoint gives the model)."""
 
 
+def run_definition(run: RunConfig, model_cfg: ModelConfig) -> dict:
+    """The settings a resumed run must share with its checkpoint, by flag name: the LR and
+    SAT schedules, the data order (seed, sample length, split) and SAT's selection. Megatron
+    refuses to resume with different scheduler settings; so do we, naming each difference.
+    Batch sizes and the parallel layout may change (the data position is kept in samples)."""
+    t, s = run.train, run.sat
+    d = {"train-iters": t.train_iters, "lr": t.lr, "min-lr": t.min_lr, "lr-warmup-iters": t.lr_warmup_iters,
+         "lr-decay-style": t.lr_decay_style, "seed": t.seed, "seq-length": t.seq_length, "split": t.split,
+         "rope_theta": model_cfg.rope_theta, "norm_eps": model_cfg.norm_eps}
+    for name in ("metric", "selection", "temperature", "omission_mlp", "omission_attn", "schedule",
+                 "sparse_fraction", "ladder_steps", "dense_fraction", "align_mlp", "align_attn", "token_stride"):
+        d["sat-" + name.replace("_", "-")] = getattr(s, name)
+    return d
+
+
 def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv

@@ -58,18 +58,30 @@ def fill_ds_config(ds: dict, t: TrainConfig, dp_size: int, where: str) -> dict:
         ds[key] = value
     if ds.get("fp16", {}).get("enabled"):
         raise SatDistError(f"--ds_config {where}: fp16 is not supported; use --bf16")
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bool(t.bf16)}
+    if "scheduler" in ds:
+        raise SatDistError(f"--ds_config {where}: has a scheduler; the LR schedule comes from --lr, --min-lr, "
+                           f"--lr-warmup-iters and --lr-decay-style: remove it from the JSON")
+    bf16 = ds.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") not in ("auto", bool(t.bf16)):
+        raise SatDistError(f"--ds_config {where}: bf16.enabled={bf16['enabled']} contradicts the flags "
+                           f"(--bf16 {'given' if t.bf16 else 'not given'}); remove it or set it to \"auto\"")
+    bf16["enabled"] = bool(t.bf16)
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise SatDistError(f"--ds_config {where}: optimizer.type {opt.get('type')!r}; allowed: AdamW")
     params = opt.setdefault("params", {})
-    params.update(lr=t.lr, betas=[t.adam_beta1, t.adam_beta2], eps=t.adam_eps, weight_decay=t.weight_decay)
+    flags = {"lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps, "weight_decay": t.weight_decay}
+    for key, value in flags.items():
+        mine = params.get(key, "auto")
+        if mine != "auto" and (list(mine) if isinstance(mine, (list, tuple)) else mine) != value:
+            raise SatDistError(f"--ds_config {where}: optimizer.params.{key}={mine} contradicts the flags "
+                               f"({value}); remove it from the JSON or set it to \"auto\"")
+    params.update(flags)
     opt["type"] = "AdamW"
     if not torch.cuda.is_available():
         params["torch_adam"] = True  # FusedAdam needs CUDA
     if params.get("torch_adam"):
         params.setdefault("adam_w_mode", True)
-    ds.pop("scheduler", None)  # the LR schedule is ours (warmup + decay by flags)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds

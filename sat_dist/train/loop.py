@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,7 +17,7 @@ from sat_dist.data.packing import PackedDataset
 from sat_dist.errors import SatDistError
 from sat_dist.parallel.comm import ParallelComm
 from sat_dist.sat.schedule import OmissionSchedule
-from sat_dist.train.arguments import RunConfig
+from sat_dist.train.arguments import RunConfig, run_definition
 from sat_dist.train.engine import Engine
 from sat_dist.faults import fault_point
 from sat_dist.train.metrics import TensorBoardLog, model_flops
@@ -33,8 +33,6 @@ class Progress:
     skipped_in_row: int = 0
     skipped_total: int = 0
     preempted: bool = False
-    losses: list = field(default_factory=list)
-    """(iteration, lm loss) of every step, on every rank (tests read it)."""
 
 
 def _device() -> torch.device:
@@ -100,15 +98,14 @@ class Trainer:
         self.peak = H100_PEAK_BF16 if torch.cuda.is_available() else None
         self.p = Progress()
         self.tb: Optional[TensorBoardLog] = None
+        self._saved_at: Optional[int] = None  # iteration of the last checkpoint known complete
 
     def resume(self, tag: str, manifest: dict) -> None:
         restore_checkpoint(self.eng.engine, self.eng.model, self.t.load, tag, manifest, self.comm,
                            self.model_cfg, self.stage3)
         self.p.iteration, self.p.consumed_samples = manifest["iteration"], manifest["consumed_samples"]
-        if manifest["sat_schedule"] != self.schedule.state_dict() and self.rank0:
-            self.log(f"note: keeping the checkpoint's SAT schedule {manifest['sat_schedule']} over the flags' "
-                     f"{self.schedule.state_dict()}")
-        self.schedule.load_state_dict(manifest["sat_schedule"])
+        self._saved_at = self.p.iteration
+        self.schedule.load_state_dict(manifest["sat_schedule"])  # equal to the flags' (check_resume)
         if self.rank0:
             layout = (f"TP {manifest['tensor_model_parallel_size']} x DP {manifest['data_parallel_size']}"
                       f" -> TP {self.comm.tp_size} x DP {self.comm.dp_size}")
@@ -119,59 +116,65 @@ class Trainer:
         t, p = self.t, self.p
         start_iter = p.iteration
         if p.iteration >= self.last and self.rank0:
-            self.log(f"nothing to train: the checkpoint is at iteration {p.iteration} of {self.last}; "
-                     f"raise --train-iters to continue")
+            self.log(f"nothing to train: the checkpoint is at iteration {p.iteration} of {self.last}")
         self.tb = TensorBoardLog(t.tensorboard_dir, self.rank0)
         preemption = PreemptionFlag.install()
         self._interval = (time.perf_counter(), 0)
         try:
-            while p.iteration < self.last:
-                if p.iteration > start_iter or not preemption.any_rank(self.dev):  # a signal in start-up
-                    self._step()
-                    if p.iteration == self.last:
-                        break
-                    if self.valid_ds is not None and t.eval_interval and p.iteration % t.eval_interval == 0:
-                        self._validate()
-                    # No saves in a non-finite streak: resume must pick a checkpoint from before it.
-                    if t.save and t.save_interval and p.iteration % t.save_interval == 0 and not p.skipped_in_row:
-                        self._save()
-                    fault_point("sigusr1", p.iteration)
-                if preemption.any_rank(self.dev):
-                    if t.save:
-                        self._save()
-                    if self.rank0:
-                        what = "saved checkpoint" if t.save else "nothing saved (no --save)"
-                        self.log(f"preempted ({preemption.received or 'signal on another rank'}): "
-                                 f"{what} at iteration {p.iteration}")
-                    p.preempted = True
-                    return p
+            preempted = preemption.any_rank(self.dev)  # a signal during start-up or resume
+            while p.iteration < self.last and not preempted:
+                preempted = self._step(preemption)
+                if p.iteration == self.last:
+                    break
+                if self.valid_ds is not None and t.eval_interval and p.iteration % t.eval_interval == 0:
+                    self._validate()
+                if t.save_interval and p.iteration % t.save_interval == 0:
+                    self._save()
+            if preempted and p.iteration < self.last:
+                self._save()
+                if self.rank0:
+                    what = "saved checkpoint" if t.save else "nothing saved (no --save)"
+                    self.log(f"preempted ({preemption.received or 'signal on another rank'}): "
+                             f"{what} at iteration {p.iteration}")
+                p.preempted = True
+                return p
             if p.iteration > start_iter:
                 if self.valid_ds is not None:
                     self._validate()
-                if t.save:
-                    self._save()
+                self._save()
         finally:
             preemption.restore()
             self.tb.close()
         return p
 
-    def _step(self) -> None:
+    def _step(self, preemption: PreemptionFlag) -> bool:
+        """One optimizer step; returns whether any rank asked to stop (one all-reduce, the
+        step's only host synchronisation, carries both the loss and that flag)."""
         t, p, eng = self.t, self.p, self.eng
         attn_rate, mlp_rate = self.schedule.rates(p.iteration)
         loss_sum = torch.zeros((), device=self.dev)
         for micro, (ids, labels) in enumerate(self.train_ds.step_batches(
                 p.consumed_samples, self.gbs, t.micro_batch_size, self.comm.dp_rank, self.comm.dp_size)):
             eng.sat.set_step(p.iteration, micro, attn_rate, mlp_rate)
+            self._check_token_ids(labels)
             loss = eng.engine(ids.to(self.dev), labels.to(self.dev)).float().mean()
             eng.engine.backward(loss)
             eng.engine.step()
             loss_sum += loss.detach()
         p.iteration += 1
         p.consumed_samples += self.gbs
-        loss = float(_mean_over_dp(loss_sum / eng.grad_accum, self.comm))  # the step's host sync
-        p.losses.append((p.iteration, loss))
+        fault_point("sigusr1", p.iteration)
+        # One all-reduce (and one host sync) per step carries the loss, the stop votes and the
+        # gradient norm. TP ranks hold equal losses, so the mean over all ranks is the mean
+        # over DP; every rank holds the same (global) gradient norm.
+        world = dist.get_world_size()
         gn = eng.engine.get_global_grad_norm()
-        gn = float(gn) if gn is not None else float("nan")
+        gn = torch.as_tensor(float("nan") if gn is None else gn, dtype=torch.float32, device=self.dev)
+        stop = torch.tensor(float(preemption.received is not None), device=self.dev)
+        stats = torch.stack([loss_sum / eng.grad_accum, stop, gn.reshape(()) / world])
+        dist.all_reduce(stats)
+        loss_total, stop_votes, gn = stats.tolist()
+        loss = loss_total / world
         scalars = {"lm loss": loss, "learning-rate": eng.engine.get_lr()[0], "grad-norm": gn,
                    "sat/omission-rate-attn": attn_rate, "sat/omission-rate-mlp": mlp_rate}
         # ZeRO's step discards an update whose gradient norm is NaN/Inf (DeepSpeed 0.19); here
@@ -192,7 +195,11 @@ class Trainer:
         scalars["skipped-iterations"] = p.skipped_total
         kept_attn, keep_attn = _kept(eng.sat, "attn", self.model_cfg.num_layers)
         kept_mlp, keep_mlp = _kept(eng.sat, "mlp", self.model_cfg.num_layers)
-        scalars.update({"sat/kept-units-attn": kept_attn, "sat/kept-units-mlp": kept_mlp})
+        # Kept counts are floored per TP partition, so the rate applied can exceed the nominal
+        # one (e.g. 4 heads per partition at 0.3 keep 2): log what was really omitted.
+        scalars.update({"sat/kept-units-attn": kept_attn, "sat/kept-units-mlp": kept_mlp,
+                        "sat/effective-omission-rate-attn": 1.0 - keep_attn,
+                        "sat/effective-omission-rate-mlp": 1.0 - keep_mlp})
         start, steps = self._interval
         self._interval = (start, steps + 1)
         if p.iteration % t.log_interval == 0 or p.iteration == self.last:
@@ -200,6 +207,16 @@ class Trainer:
             if self.rank0:
                 self._console(scalars)
         self.tb.scalars(p.iteration, scalars)
+        return stop_votes > 0
+
+    def _check_token_ids(self, tokens: torch.Tensor) -> None:
+        """Ids past the vocabulary (data made with another tokenizer) would index out of the
+        embedding: a device assert on GPU. The batch is still on the CPU: no sync."""
+        top = int(tokens.max())
+        if top >= self.model_cfg.vocab_size:
+            raise SatDistError(f"--data-path {self.t.data_path}: token id {top} at iteration {self.p.iteration + 1} "
+                               f"is outside the model's vocabulary ({self.model_cfg.vocab_size}); the data was "
+                               f"made with another tokenizer: re-run tools/preprocess_data.py")
 
     def _throughput(self, keep_attn: float, keep_mlp: float) -> dict:
         """Averages over the steps since the last log line (one device sync per log line)."""
@@ -241,10 +258,19 @@ class Trainer:
             self.log(f" validation at iteration {self.p.iteration} | lm loss: {vloss:.6E} | lm loss PPL: {ppl:.3f}")
 
     def _save(self) -> None:
-        save_checkpoint(self.eng.engine, self.eng.model, self.t.save, self.p.iteration, self.p.consumed_samples,
-                        self.comm, self.model_cfg, self.schedule.state_dict(), self.stage3)
+        p = self.p
+        if not self.t.save or p.iteration == self._saved_at:
+            return  # nowhere to save, or this iteration's checkpoint is already complete
+        if p.skipped_in_row:  # resume must pick a checkpoint from before a non-finite streak
+            if self.rank0:
+                self.log(f"not saving at iteration {p.iteration}: {p.skipped_in_row} non-finite step(s) in a row")
+            return
+        save_checkpoint(self.eng.engine, self.eng.model, self.t.save, p.iteration, p.consumed_samples,
+                        self.comm, self.model_cfg, self.schedule.state_dict(), self.stage3,
+                        run_definition(self.run_cfg, self.model_cfg))
+        self._saved_at = p.iteration
         if self.rank0:
-            self.log(f"saved checkpoint at iteration {self.p.iteration} to {self.t.save}")
+            self.log(f"saved checkpoint at iteration {p.iteration} to {self.t.save}")
 
 
 def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
