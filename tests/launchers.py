@@ -1,5 +1,6 @@
 """Run the trainer through its real launchers and read back what it wrote."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -53,3 +54,8 @@ def scalars(tb_dir, tag):
     return {e.step: e.value for e in ea.Scalars(tag)}
 
 
+
+
+def digest(d: Path) -> dict:
+    """{relative path: md5} of every file under d: to prove nothing on disk changed."""
+    return {str(p.relative_to(d)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}

@@ -5,7 +5,6 @@ naming the problem, a non-zero exit, no traceback, and leaves everything on disk
 covered at the library level in test_data.py.)
 """
 
-import hashlib
 import json
 import shutil
 import sys
@@ -15,13 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.launchers import REPO
+from tests.launchers import REPO, digest
 
 sys.path.insert(0, str(REPO / "launch"))
-
-
-def _digest(d: Path) -> dict:
-    return {str(p.relative_to(d)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +168,7 @@ def test_catalog_of_bad_inputs(ws, capsys):
     from pretrain import main
 
     assert len(CASES) >= 25
-    before = _digest(ws)
+    before = digest(ws)
     for name, over, msg in CASES:
         over = {k: (v.format(ws=ws) if isinstance(v, str) else v) for k, v in over.items()}
         rc = main([str(a) for a in _argv(ws, **over)])
@@ -182,4 +177,4 @@ def test_catalog_of_bad_inputs(ws, capsys):
         assert rc != 0, name
         assert msg in err, (name, msg, err)
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, (name, err)
-    assert _digest(ws) == before  # nothing overwritten, deleted or added
+    assert digest(ws) == before  # nothing overwritten, deleted or added

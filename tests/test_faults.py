@@ -6,7 +6,6 @@ resume with --load, the losses must be the reference's (bit-exact on the same la
 CPU), which also shows no sample was replayed or skipped.
 """
 
-import hashlib
 import os
 import random
 import resource
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launchers import BIN, PRETRAIN, REPO, _env, _flags, _port, scalars, torchrun
+from tests.launchers import BIN, PRETRAIN, REPO, _env, _flags, _port, digest, scalars, torchrun
 
 ITERS = 6
 
@@ -129,17 +128,13 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(corpus, tmp_path):
     assert scalars(tb, "skipped-iterations")[3] == 2
 
 
-def _digest(d: Path) -> dict:
-    return {str(p.relative_to(d)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
 def test_full_disk_during_a_save(corpus, reference, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(reference[0] / "ckpt", ckpt)
     (ckpt / "latest").write_text("iter_0000002\n")
     for later in ("iter_0000004", "iter_0000006"):
         shutil.rmtree(ckpt / later)
-    before = _digest(ckpt)
+    before = digest(ckpt)
 
     def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write() instead of a killed process
@@ -154,7 +149,7 @@ def test_full_disk_during_a_save(corpus, reference, tmp_path):
     assert errors and "could not write" in errors[0] and "disk full" in errors[0], r.stderr[-2000:]
     assert 'pretrain.py", line' not in r.stderr
     assert _latest(ckpt) == 2
-    after = _digest(ckpt)
+    after = digest(ckpt)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing existing changed
 
 
