@@ -88,7 +88,12 @@ def _run(argv) -> int:
     if world % tp:
         raise SatDistError(f"--tensor-model-parallel-size {tp} does not divide the world size {world}; "
                            f"launch a multiple of {tp} processes")
-    deepspeed_config(t, world // tp)
+    ds = deepspeed_config(t, world // tp)
+    if (t.save or t.load) and ds.get("zero_optimization", {}).get("stage", 0) != 3:
+        # ZeRO-1/2 link their Adam state to parameters lazily and leave some fragments empty,
+        # so the per-parameter checkpoint cannot be gathered there (seen with DeepSpeed 0.19).
+        raise SatDistError(f"--save/--load need ZeRO stage 3 (configs/ds_zero3.json or ds_zero3_offload.json); "
+                           f"{t.ds_config} uses stage {ds.get('zero_optimization', {}).get('stage', 0)}")
     if not default_job:
         datasets = _open_data(t, model_cfg)
     check_save_dir(t.save, t.load)

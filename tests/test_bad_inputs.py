@@ -128,6 +128,7 @@ CASES = [
     ("ds lr contradicts --lr", {"ds_config": "{ws}/ds_lr.json"}, "optimizer.params.lr=0.1 contradicts the flags"),
     ("ds bf16 contradicts flags", {"ds_config": "{ws}/ds_bf16.json"}, "bf16.enabled=True contradicts the flags"),
     ("ds scheduler", {"ds_config": "{ws}/ds_sched.json"}, "has a scheduler"),
+    ("checkpoints under ZeRO-1", {"ds_config": str(REPO / "configs" / "ds_zero1.json")}, "--save/--load need ZeRO stage 3"),
     # data
     ("data missing", {"data-path": "{ws}/nope"}, "nope"),
     ("data truncated", {"data-path": "{ws}/truncated"}, "truncated"),

@@ -300,7 +300,7 @@ def commands(out: Path, train_tokens: int, args) -> tuple[str, int]:
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
     common = [
         "deepspeed", "--num_gpus", str(args.num_gpus), "launch/pretrain.py",
-        "--ds_config", "configs/ds_zero1.json", "--bf16",
+        "--ds_config", "configs/ds_zero3.json", "--bf16",
         "--hf-checkpoint", rel(out / "smollm2-135m"),
         "--tokenizer-model", rel(out / "smollm2-135m" / "tokenizer.json"),
         "--data-path", rel(out / "data" / "new_train"), "--split", "98,2,0",
