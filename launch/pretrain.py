@@ -51,7 +51,8 @@ def _run(argv) -> int:
     from sat_dist.train.preemption import PreemptionFlag
 
     PreemptionFlag.install()  # before anything slow: a SLURM signal during start-up is kept
-    from sat_dist.train.arguments import load_model_config, parse_args, run_definition
+    from sat_dist.config import ModelConfig
+    from sat_dist.train.arguments import parse_args, run_definition
 
     run = parse_args(argv)
     t = run.train
@@ -78,10 +79,10 @@ def _run(argv) -> int:
     if t.hf_checkpoint:
         model_cfg, hf_sd = load_hf_checkpoint(t.hf_checkpoint)
         if run.model_config_path is not None:  # both given: they must describe the same model
-            check_same_model(load_model_config(run.model_config_path), model_cfg,
+            check_same_model(ModelConfig.from_file(run.model_config_path), model_cfg,
                              f"--model-config {t.model_config} and --hf-checkpoint {t.hf_checkpoint}")
     else:
-        model_cfg = load_model_config(run.model_config_path)
+        model_cfg = ModelConfig.from_file(run.model_config_path)
     tp = t.tensor_model_parallel_size
     check_tensor_parallel(model_cfg, tp, run.sat.align_mlp if run.sat.schedule != "dense" else 1)
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))

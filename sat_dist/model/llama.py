@@ -16,6 +16,8 @@ r = query heads per group, d = head dim):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -67,8 +69,10 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=8)
 def rotary_tables(seq: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [seq, d] in Hugging Face's half-rotation convention, computed in fp32."""
+    """cos, sin [seq, d] in Hugging Face's half-rotation convention, computed in fp32.
+    Cached: every layer of every micro-batch asks for the same tables (read-only)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     freqs = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)

@@ -217,10 +217,6 @@ def resolve_model_config(name: str) -> Path:
     return cand
 
 
-def load_model_config(path: Path) -> ModelConfig:
-    return ModelConfig.from_file(path)
-
-
 def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     f = Path(path)
     if not f.is_file():
