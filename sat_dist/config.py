@@ -17,6 +17,7 @@ from sat_dist.errors import SatDistError, fail_field
 METRICS = ("maxip", "wanda", "magnitude", "random")
 SELECTIONS = ("sampling", "topk")
 SCHEDULES = ("ladder", "constant", "dense")
+GRANULARITIES = ("step", "micro-batch")
 
 
 @dataclass
@@ -65,6 +66,11 @@ class SATConfig:
     seed: int = 1234
     """Seed of the selection generators (combined with step, layer and TP rank)."""
 
+    granularity: str = "step"
+    """How often units are selected: once per optimizer step ("step": scored on the step's
+    first micro-batch, reused by every micro-batch and by activation recompute) or afresh
+    for every micro-batch ("micro-batch"). See docs/SAT.md for what each guarantees."""
+
     def validate(self) -> "SATConfig":
         s = "sat"
         if self.metric not in METRICS:
@@ -73,6 +79,8 @@ class SATConfig:
             raise fail_field(s, "selection", self.selection, ", ".join(SELECTIONS))
         if self.schedule not in SCHEDULES:
             raise fail_field(s, "schedule", self.schedule, ", ".join(SCHEDULES))
+        if self.granularity not in GRANULARITIES:
+            raise fail_field(s, "granularity", self.granularity, ", ".join(GRANULARITIES))
         if not _is_number(self.temperature) or not self.temperature > 0 or math.isinf(self.temperature):
             raise fail_field(s, "temperature", self.temperature, "a finite number > 0")
         for name in ("omission_mlp", "omission_attn"):
@@ -212,4 +220,4 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
-__all__ = ["SATConfig", "ModelConfig", "METRICS", "SELECTIONS", "SCHEDULES", "load_fields", "read_json_object"]
+__all__ = ["SATConfig", "ModelConfig", "METRICS", "SELECTIONS", "SCHEDULES", "GRANULARITIES", "load_fields", "read_json_object"]

@@ -155,6 +155,8 @@ def check_resume(ckpt_dir: str, model_cfg: ModelConfig, definition: dict) -> tup
         raise SatDistError(f"--load {ckpt_dir}: {tag}/{MANIFEST} is damaged ({type(e).__name__}: {e})")
     check_same_model(saved_model, model_cfg, f"--load {ckpt_dir}: checkpoint {tag}",
                      "use the --model-config it was trained with")
+    # Checkpoints from before --sat-granularity selected afresh for every micro-batch.
+    saved_def = {"sat-granularity": "micro-batch", **saved_def}
     diff = [k for k in definition if saved_def.get(k) != definition[k]]
     if diff:
         shown = "; ".join(f"--{k} {saved_def.get(k)} (this run: {definition[k]})" for k in diff[:3])

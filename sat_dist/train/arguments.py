@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from sat_dist.config import METRICS, SCHEDULES, SELECTIONS, ModelConfig, SATConfig
+from sat_dist.config import GRANULARITIES, METRICS, SCHEDULES, SELECTIONS, ModelConfig, SATConfig
 from sat_dist.errors import SatDistError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sat-token-stride", type=int, default=s.token_stride)
     a("--sat-align-mlp", type=int, default=s.align_mlp)
     a("--sat-align-attn", type=int, default=s.align_attn)
+    a("--sat-granularity", choices=GRANULARITIES, default=s.granularity)
     return p
 
 
@@ -171,7 +172,8 @@ def run_definition(run: RunConfig, model_cfg: ModelConfig) -> dict:
          "lr-decay-style": t.lr_decay_style, "seed": t.seed, "seq-length": t.seq_length, "split": t.split,
          "rope_theta": model_cfg.rope_theta, "norm_eps": model_cfg.norm_eps}
     for name in ("metric", "selection", "temperature", "omission_mlp", "omission_attn", "schedule",
-                 "sparse_fraction", "ladder_steps", "dense_fraction", "align_mlp", "align_attn", "token_stride"):
+                 "sparse_fraction", "ladder_steps", "dense_fraction", "align_mlp", "align_attn", "token_stride",
+                 "granularity"):
         d["sat-" + name.replace("_", "-")] = getattr(s, name)
     return d
 
@@ -196,7 +198,7 @@ def config_from_namespace(ns: argparse.Namespace) -> RunConfig:
         schedule=ns.sat_schedule, sparse_fraction=ns.sat_sparse_fraction,
         ladder_steps=ns.sat_ladder_steps, dense_fraction=ns.sat_dense_fraction,
         align_mlp=ns.sat_align_mlp, align_attn=ns.sat_align_attn,
-        token_stride=ns.sat_token_stride, seed=ns.seed,
+        token_stride=ns.sat_token_stride, seed=ns.seed, granularity=ns.sat_granularity,
     ).validate()
     if train.model_config is None and not train.hf_checkpoint:
         train.model_config = "tiny"

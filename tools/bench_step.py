@@ -1,0 +1,465 @@
+#!/usr/bin/env python
+"""Benchmark whole training steps through the real engine: dense vs SAT vs a peer.
+
+  python tools/bench_step.py --width 7b --layers 2 --seq 512 --ranks 2 --tp 2 \
+      --ds-config configs/ds_zero3.json --omissions 0.3,0.3 0.5,0.5 --peer --out step.json
+
+Each arm is launched with torchrun (gloo on CPU, NCCL on GPU) and builds its engine with
+DeepSpeed exactly as training does:
+  sat_dist  sat_dist's Llama through sat_dist.train.engine.build_engine; dense and every
+            (attention, MLP) omission pair run in ONE process, alternating setting by
+            setting each round (order reversed every other round), so the ratios are taken
+            side by side under the same machine load.
+  peer      Hugging Face transformers' LlamaForCausalLM (sdpa attention) under the same
+            DeepSpeed config, data-parallel only (transformers has no Megatron TP).
+Per setting it reports the median step time over the measured rounds and the spread,
+tokens/s, the speedup over dense, the step's FLOP-ideal speedup (whole-model executed
+FLOPs: projections, MLP, attention scores and the LM head, Megatron's accounting) and their
+ratio, the peak memory per rank during that setting's steps (CPU: resident set sampled
+every 2 ms; GPU: max allocated), and the time split into forward, backward and optimizer
+step. One extra instrumented step per setting times the collectives (made blocking for
+that step only) split into ZeRO (data-parallel) and tensor-parallel communication.
+
+A benchmark, not a test: results go to docs/PERFORMANCE.md with device, date, commit and
+command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WIDTHS = {
+    "7b": dict(hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32, num_query_groups=32),
+    "13b": dict(hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40, num_query_groups=40),
+    "70b-gqa": dict(hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64, num_query_groups=8),
+    "tiny": dict(hidden_size=256, ffn_hidden_size=768, num_attention_heads=4, num_query_groups=4),
+}
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", choices=sorted(WIDTHS), default="7b")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--global-batch", type=int, default=None, help="default: micro-batch x DP")
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (CPU; default: cores / ranks)")
+    p.add_argument("--ds-config", default=str(REPO / "configs" / "ds_zero3.json"))
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--recompute", action="store_true", help="--recompute-activations")
+    p.add_argument("--omissions", nargs="*", default=["0.3,0.3", "0.5,0.5"],
+                   help="attention,MLP omission pairs (dense always runs)")
+    p.add_argument("--sat-granularity", default=None, help="--sat-granularity of sat_dist (step, micro-batch)")
+    p.add_argument("--align-mlp", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=4, help="measured rounds (one step per setting each)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    p.add_argument("--peer", action="store_true", help="also run transformers' LlamaForCausalLM")
+    p.add_argument("--no-sat-dist", action="store_true", help="run only the peer")
+    p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--worker", choices=["sat_dist", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- driver
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    if a.worker:
+        return worker(a)
+    if a.ranks % a.tp:
+        print(f"error: --tp {a.tp} does not divide --ranks {a.ranks}", file=sys.stderr)
+        return 2
+    import torch
+
+    report = {"device": _device_name(), "date": time.strftime("%Y-%m-%d"), "commit": _commit(),
+              "command": " ".join(["python", "tools/bench_step.py", *(argv if argv is not None else sys.argv[1:])]),
+              "torch": torch.__version__, "config": {k: v for k, v in vars(a).items()
+                                                     if k not in ("worker", "result", "out")}}
+    arms = [] if a.no_sat_dist else ["sat_dist"]
+    arms += ["peer"] if a.peer else []
+    for arm in arms:
+        report[arm] = launch(a, arm, argv if argv is not None else sys.argv[1:])
+        if report[arm] is None:
+            return 1
+    if "sat_dist" in report and "peer" in report:
+        ours = next(r for r in report["sat_dist"]["settings"] if r["omission"] == [0.0, 0.0])
+        peer = report["peer"]["settings"][0]
+        report["dense_vs_peer_tokens_per_s"] = round(ours["tokens_per_s"] / peer["tokens_per_s"], 3)
+    text = json.dumps(report, indent=2)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    print(summary(report))
+    return 0
+
+
+def launch(a, arm: str, argv: list[str]) -> dict | None:
+    with tempfile.TemporaryDirectory() as d:
+        result = Path(d) / "result.json"
+        threads = a.threads or max(1, (os.cpu_count() or 1) // a.ranks)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.ranks),
+               "--master-port", str(_free_port()), str(Path(__file__).resolve()), *argv,
+               "--worker", arm, "--result", str(result)]
+        r = subprocess.run(cmd, env=env, cwd=REPO)
+        if r.returncode != 0 or not result.is_file():
+            print(f"error: the {arm} arm failed (exit {r.returncode})", file=sys.stderr)
+            return None
+        return json.loads(result.read_text())
+
+
+def summary(report: dict) -> str:
+    lines = [f"{report['device']} | {report['date']} | {report['commit']} | {report['command']}",
+             "| arm | omission attn,mlp | step s (median, min-max) | tokens/s | speedup | FLOP-ideal | of ideal "
+             "| peak mem/rank GB | fwd / bwd / opt s | ZeRO / TP comm s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arm in ("sat_dist", "peer"):
+        for r in report.get(arm, {}).get("settings", []):
+            lo, hi = min(r["step_s"]), max(r["step_s"])
+            lines.append(
+                f"| {arm} | {r['omission'][0]},{r['omission'][1]} | {r['median_step_s']:.2f} ({lo:.2f}-{hi:.2f}) "
+                f"| {r['tokens_per_s']:.1f} | {r['speedup']:.3f} | {r['flop_ideal_speedup']:.3f} "
+                f"| {r['fraction_of_ideal']:.3f} | {r['peak_memory_gb']:.2f} "
+                f"| {r['forward_s']:.2f} / {r['backward_s']:.2f} / {r['optimizer_s']:.2f} "
+                f"| {r['comm_zero_s']:.2f} / {r['comm_tp_s']:.2f} |")
+    if "dense_vs_peer_tokens_per_s" in report:
+        lines.append(f"sat_dist dense / peer tokens/s: {report['dense_vs_peer_tokens_per_s']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- worker
+
+def worker(a) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.distributed as dist
+
+    from sat_dist.config import ModelConfig, SATConfig
+    from sat_dist.parallel.state import destroy_distributed, init_distributed
+    from sat_dist.train.arguments import TrainConfig
+    from sat_dist.train.metrics import model_flops
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    comm = init_distributed(a.tp if a.worker == "sat_dist" else 1)
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    cfg = ModelConfig(**WIDTHS[a.width], num_layers=a.layers, vocab_size=a.vocab,
+                      max_position_embeddings=max(a.seq, 4096), name=f"{a.width}-width").validate()
+    t = TrainConfig(tensor_model_parallel_size=comm.tp_size, micro_batch_size=a.micro_batch,
+                    global_batch_size=a.global_batch, seq_length=a.seq, train_iters=10**6, lr=1e-5,
+                    min_lr=0.0, lr_warmup_iters=0, lr_decay_style="constant", bf16=a.dtype == "bf16",
+                    recompute_activations=a.recompute, ds_config=a.ds_config)
+    if a.worker == "sat_dist":
+        sat_kw = {"granularity": a.sat_granularity} if a.sat_granularity else {}
+        sat_cfg = SATConfig(schedule="constant", align_mlp=a.align_mlp, **sat_kw).validate()
+        from sat_dist.train.engine import build_engine
+
+        eng = build_engine(cfg, sat_cfg, t, comm)
+        engine, sat, ds = eng.engine, eng.sat, eng.ds_config
+        settings = [(0.0, 0.0)] + [tuple(float(v) for v in o.split(",")) for o in a.omissions]
+    else:
+        engine, ds = build_peer(cfg, t, comm)
+        sat, settings = None, [(0.0, 0.0)]
+    accum = ds["gradient_accumulation_steps"]
+    gbs = ds["train_batch_size"]
+    gen = torch.Generator().manual_seed(1234 + comm.dp_rank)
+    batches = [torch.randint(0, a.vocab, (a.micro_batch, a.seq + 1), generator=gen) for _ in range(accum)]
+    tp_group = None
+    if comm.tp_size > 1:
+        from megatron.core import parallel_state as ps
+
+        tp_group = ps.get_tensor_model_parallel_group()
+    comm_timer = CommTimer(tp_group)
+    mem = PeakMemory(dev)
+    step = [0]
+
+    def one_step(attn: float, mlp: float, timed_comm: bool = False) -> dict:
+        phases = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
+        if timed_comm:
+            comm_timer.install()
+        t_start = _now(dev)
+        for micro, ids in enumerate(batches):
+            if sat is not None:
+                sat.set_step(step[0], micro, attn, mlp)
+            x, y = ids[:, :-1].to(dev), ids[:, 1:].to(dev)
+            t0 = _now(dev)
+            if sat is not None:
+                loss = engine(x, y).float().mean()
+            else:
+                loss = engine(input_ids=x, labels=x).loss  # transformers shifts the labels itself
+            t1 = _now(dev)
+            engine.backward(loss)
+            t2 = _now(dev)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+            t3 = _now(dev)
+            phases["forward_s"] += t1 - t0
+            phases["backward_s"] += t2 - t1
+            phases["optimizer_s"] += t3 - t2
+        phases["step_s"] = _now(dev) - t_start
+        if timed_comm:
+            phases.update(comm_timer.remove())
+        step[0] += 1
+        return phases
+
+    rows = {s: {"times": [], "phases": [], "peak": 0.0} for s in settings}
+    for rnd in range(a.warmup + a.rounds):
+        order = settings if rnd % 2 == 0 else list(reversed(settings))
+        for s in order:
+            mem.reset()
+            out = one_step(*s)
+            rows[s]["peak"] = max(rows[s]["peak"], mem.peak())
+            if rnd >= a.warmup:
+                rows[s]["times"].append(out["step_s"])
+                rows[s]["phases"].append(out)
+    comm_split = {s: one_step(*s, timed_comm=True) for s in settings}
+    mem.stop()
+    kept = {}
+    if sat is not None:
+        for s in settings:
+            sat.set_step(step[0], 0, *s)
+            with torch.no_grad():
+                engine(batches[0][:, :-1].to(dev), batches[0][:, 1:].to(dev))
+            kept[s] = _keep_fractions(sat, cfg.num_layers)
+    # Each rank's numbers; the report takes the slowest rank's time and the largest memory.
+    mine = {str(s): {"times": rows[s]["times"], "phases": rows[s]["phases"], "peak": rows[s]["peak"],
+                     "comm": comm_split[s]} for s in settings}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if dist.get_rank() == 0:
+        dense_flops = model_flops(cfg, gbs, a.seq)
+        settings_out = []
+        for s in settings:
+            times = [max(r[str(s)]["times"][i] for r in everyone) for i in range(a.rounds)]
+            med = statistics.median(times)
+            ka, km = kept.get(s, (1.0, 1.0))
+            executed = model_flops(cfg, gbs, a.seq, ka, km)
+            phase = {k: statistics.median(p[k] for p in everyone[0][str(s)]["phases"])
+                     for k in ("forward_s", "backward_s", "optimizer_s")}
+            c = everyone[0][str(s)]["comm"]
+            settings_out.append({"omission": list(s), "keep_fraction_attn": ka, "keep_fraction_mlp": km,
+                                 "step_s": [round(x, 4) for x in times], "median_step_s": med,
+                                 "tokens_per_s": gbs * a.seq / med, **phase,
+                                 "comm_zero_s": c.get("zero", 0.0), "comm_tp_s": c.get("tp", 0.0),
+                                 "instrumented_step_s": c["step_s"],
+                                 "peak_memory_gb": max(r[str(s)]["peak"] for r in everyone) / 2**30,
+                                 "dense_flops": dense_flops, "executed_flops": executed,
+                                 "flop_ideal_speedup": dense_flops / executed})
+        dense_med = settings_out[0]["median_step_s"]
+        for r in settings_out:
+            r["speedup"] = dense_med / r["median_step_s"]
+            r["fraction_of_ideal"] = r["speedup"] / r["flop_ideal_speedup"]
+        Path(a.result).write_text(json.dumps({
+            "arm": a.worker, "tp": comm.tp_size, "dp": comm.dp_size, "world": dist.get_world_size(),
+            "threads_per_rank": torch.get_num_threads(), "global_batch": gbs, "grad_accum": accum,
+            "zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "settings": settings_out}, indent=2))
+    dist.barrier()
+    destroy_distributed()
+    return 0
+
+
+def build_peer(cfg, t, comm):
+    """transformers' LlamaForCausalLM under DeepSpeed with the very config sat_dist uses."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sat_dist.train.engine import deepspeed_config
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    ds = deepspeed_config(t, comm.dp_size)
+    hf = LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+                     num_key_value_heads=cfg.num_query_groups, vocab_size=cfg.vocab_size,
+                     max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+                     tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+    hf._attn_implementation = "sdpa"
+    torch.manual_seed(t.seed)
+    stage3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage3):
+        model = LlamaForCausalLM(hf)
+    model.config.use_cache = False
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds,
+                                           dist_init_required=False)
+    return engine, ds
+
+
+def _keep_fractions(sat, layers: int) -> tuple[float, float]:
+    out = []
+    for kind in ("attn", "mlp"):
+        ks = [sat.kept[(i, kind)] for i in range(layers)]
+        out.append(sum(k / n for k, n in ks) / len(ks))
+    return tuple(out)
+
+
+def _now(dev) -> float:
+    if dev.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class CommTimer:
+    """Times every collective for one step: each call is made blocking (async handles are
+    waited at once) and its wall time added to "tp" (the tensor-parallel group) or "zero"
+    (anything else: DeepSpeed's data-parallel all-gathers, reduce-scatters, all-reduces)."""
+
+    NAMES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "reduce_scatter",
+             "broadcast", "all_reduce_coalesced", "_all_gather_base", "_reduce_scatter_base")
+
+    def __init__(self, tp_group):
+        self.tp_group = tp_group
+        self.saved: list = []
+        self.totals: dict = {}
+
+    def _wrap(self, fn):
+        def timed(*args, **kwargs):
+            import torch.distributed as dist
+
+            group = kwargs.get("group")
+            t0 = time.perf_counter()
+            kwargs_async = kwargs.get("async_op", False)
+            work = fn(*args, **kwargs)
+            if kwargs_async and work is not None:
+                work.wait()
+            if dist.get_backend() == "nccl":
+                import torch
+
+                torch.cuda.synchronize()
+            key = "tp" if group is not None and group is self.tp_group else "zero"
+            self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - t0
+            return work
+        return timed
+
+    def install(self) -> None:
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        self.totals = {}
+        targets = [dist, c10d]
+        try:
+            from deepspeed.comm import comm as ds_comm
+
+            if ds_comm.cdb is not None:
+                targets.append(ds_comm.cdb)
+                for attr in ("all_gather_function", "reduce_scatter_function"):
+                    fn = getattr(ds_comm.cdb, attr, None)
+                    if fn is not None:
+                        self.saved.append((ds_comm.cdb, attr, fn))
+                        setattr(ds_comm.cdb, attr, self._wrap(fn))
+        except ImportError:
+            pass
+        for mod in (dist, c10d):
+            for name in self.NAMES:
+                fn = getattr(mod, name, None)
+                if fn is not None:
+                    self.saved.append((mod, name, fn))
+                    setattr(mod, name, self._wrap(fn))
+
+    def remove(self) -> dict:
+        for obj, name, fn in reversed(self.saved):
+            setattr(obj, name, fn)
+        self.saved = []
+        return dict(self.totals)
+
+
+class PeakMemory:
+    """Peak memory of this rank since the last reset: GPU max allocated, or on CPU the
+    resident set size sampled every 2 ms from /proc (ru_maxrss cannot be reset)."""
+
+    def __init__(self, dev):
+        self.dev = dev
+        self._peak = 0
+        self._stop = threading.Event()
+        if dev.type != "cuda":
+            self._page = os.sysconf("SC_PAGE_SIZE")
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._rss())
+            time.sleep(0.002)
+
+    def reset(self) -> None:
+        if self.dev.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._peak = self._rss()
+
+    def peak(self) -> float:
+        if self.dev.type == "cuda":
+            import torch
+
+            return float(torch.cuda.max_memory_allocated())
+        return float(max(self._peak, self._rss()))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _device_name() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model}, {os.cpu_count()} cores"
+
+
+def _commit() -> str:
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=REPO).stdout.strip()
+        return r.stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
