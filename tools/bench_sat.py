@@ -86,6 +86,9 @@ def bench_shape(name: str, device, dtype, warmup: int, iters: int, token_stride:
             state.set_step(1, 0, attn=attn, mlp=mlp)
 
             def step():
+                # A new optimizer step each time: selections are reused within a step, and a
+                # training step scores and selects once.
+                state.set_step(state.step + 1, 0, attn=attn, mlp=mlp)
                 layer.zero_grad(set_to_none=True)
                 layer(x).backward(grad)
 
@@ -118,6 +121,7 @@ def _selection_ms(layer, state, x, timer, warmup, iters) -> float:
     xm = layer.pre_mlp_layernorm(x).detach()
 
     def select():
+        state.set_step(state.step + 1, 0, **state.rates)  # a new step: no reuse
         state.kept_units(0, "attn", a.groups, x.device, lambda g, s: attention_scores(
             state.cfg.metric, xa, a.qkv_weight, a.proj_weight, a.r, a.d, generator=g, token_stride=s))
         state.kept_units(0, "mlp", m.f, x.device, lambda g, s: mlp_scores(

@@ -70,6 +70,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=4, help="measured rounds (one step per setting each)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     p.add_argument("--peer", action="store_true", help="also run transformers' LlamaForCausalLM")
+    p.add_argument("--no-thp", action="store_true",
+                   help="CPU: leave THP_MEM_ALLOC_ENABLE off (launch/pretrain.py turns it on)")
     p.add_argument("--no-sat-dist", action="store_true", help="run only the peer")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--worker", choices=["sat_dist", "peer"], help=argparse.SUPPRESS)
@@ -114,6 +116,8 @@ def launch(a, arm: str, argv: list[str]) -> dict | None:
         result = Path(d) / "result.json"
         threads = a.threads or max(1, (os.cpu_count() or 1) // a.ranks)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        # launch/pretrain.py sets this for training (see there); both arms get the same.
+        env["THP_MEM_ALLOC_ENABLE"] = "0" if a.no_thp else "1"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.ranks),
                "--master-port", str(_free_port()), str(Path(__file__).resolve()), *argv,
                "--worker", arm, "--result", str(result)]

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
 from sat_dist.model.sat_state import SATState
-from sat_dist.model.sparse_ops import gather_rows
+from sat_dist.model.sparse_ops import kept_linear
 from sat_dist.parallel.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.sat.importance import attention_scores, mlp_scores
 
@@ -100,19 +100,20 @@ class SATAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
         b, s, h = x.shape
         r, d = self.r, self.d
-        qkv_w = self.qkv_weight.view(self.groups, (r + 2) * d, h)
-        proj_w = self.proj_weight.view(self.groups, r * d, h)
         kept = self.sat.kept_units(
             self.layer, "attn", self.groups, x.device,
             lambda gen, stride: attention_scores(
                 self.sat.cfg.metric, x, self.qkv_weight, self.proj_weight, r, d,
                 self.comm.reduce_over_dp, gen, stride))
-        if kept is not None:
-            qkv_w, proj_w = gather_rows(qkv_w, kept), gather_rows(proj_w, kept)
-        g = qkv_w.shape[0]  # kept groups on this rank
-
         x = self.comm.copy_to_tp(x)
-        qkv = F.linear(x, qkv_w.reshape(g * (r + 2) * d, h)).view(b, s, g, r + 2, d)
+        if kept is None:
+            g = self.groups
+            qkv = F.linear(x, self.qkv_weight)
+        else:
+            g = kept.numel()  # kept groups on this rank
+            units = (kept, self.sat.omitted_units(self.layer, "attn"))
+            qkv = kept_linear(x, self.qkv_weight, units, unit_rows=(r + 2) * d)
+        qkv = qkv.view(b, s, g, r + 2, d)
         q = qkv[:, :, :, :r].reshape(b, s, g * r, d).transpose(1, 2)  # [b, g*r, s, d]
         k = qkv[:, :, :, r].transpose(1, 2)  # [b, g, s, d]
         v = qkv[:, :, :, r + 1].transpose(1, 2)  # [b, g, s, d]
@@ -120,7 +121,10 @@ class SATAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=r > 1)
         out = out.transpose(1, 2).reshape(b, s, g * r * d)  # [b, s, g*r*d]
-        y = torch.matmul(out, proj_w.reshape(g * r * d, h))  # [b, s, h] partial over TP
+        if kept is None:
+            y = torch.matmul(out, self.proj_weight)  # [b, s, h] partial over TP
+        else:
+            y = kept_linear(out, self.proj_weight, units, unit_rows=r * d, kept_in=True)
         return self.comm.reduce_from_tp(y)
 
 
@@ -135,20 +139,20 @@ class SATMLP(nn.Module):
         self.fc2_weight = _init_weight(self.f, self.h, std=cfg.init_method_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
-        fc1_w, fc2_w = self.fc1_weight, self.fc2_weight
         kept = self.sat.kept_units(
             self.layer, "mlp", self.f, x.device,
             lambda gen, stride: mlp_scores(
                 self.sat.cfg.metric, x, self.fc1_weight, self.fc2_weight,
                 self.comm.reduce_over_dp, gen, stride))
-        if kept is not None:
-            # One gather for gate and up: rows kept and f + kept of [gate; up].
-            fc1_w = gather_rows(fc1_w, torch.cat((kept, kept + self.f)))  # [2k, h]
-            fc2_w = gather_rows(fc2_w, kept)  # [k, h]
-
         x = self.comm.copy_to_tp(x)
-        gate, up = F.linear(x, fc1_w).chunk(2, dim=-1)  # [b, s, k] each
-        y = torch.matmul(F.silu(gate) * up, fc2_w)  # [b, s, h] partial over TP
+        if kept is None:
+            gate, up = F.linear(x, self.fc1_weight).chunk(2, dim=-1)  # [b, s, f] each
+            return self.comm.reduce_from_tp(torch.matmul(F.silu(gate) * up, self.fc2_weight))
+        omitted = self.sat.omitted_units(self.layer, "mlp")
+        # Channel j is row j (gate) and row f + j (up) of fc1: one product for both.
+        both = (torch.cat((kept, kept + self.f)), torch.cat((omitted, omitted + self.f)))
+        gate, up = kept_linear(x, self.fc1_weight, both).chunk(2, dim=-1)  # [b, s, k] each
+        y = kept_linear(F.silu(gate) * up, self.fc2_weight, (kept, omitted), kept_in=True)  # [b, s, h] partial
         return self.comm.reduce_from_tp(y)
 
 

@@ -3,6 +3,11 @@
 One `SATState` is shared by all layers of a model. The training loop sets the step, the
 micro-batch and the rates before each forward; each SAT module asks `kept_units` for the
 indices of the units of its local partition to keep (None means: all, run dense).
+
+A selection is made once per (layer, kind) and selection key, then reused: the key is the
+optimizer step (granularity "step") or the (step, micro-batch) pair ("micro-batch"). So an
+activation-recompute pass never scores, all-reduces or samples again, and with
+granularity "step" neither do the step's later micro-batches.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from sat_dist.config import SATConfig
+from sat_dist.model.sparse_ops import complement
 from sat_dist.parallel.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.sat.selection import keep_count, select_units, selection_generator
 
@@ -31,6 +37,8 @@ class SATState:
         self.kept: dict[tuple[int, str], tuple[int, int]] = {}
         # (layer, kind) -> local indices kept at the last forward (None: all)
         self.selected: dict[tuple[int, str], Optional[torch.Tensor]] = {}
+        # (layer, kind) -> (selection key, kept indices, omitted indices)
+        self._made: dict[tuple[int, str], tuple] = {}
 
     def set_step(self, step: int, micro: int = 0, attn: float = 0.0, mlp: float = 0.0) -> None:
         self.step, self.micro = int(step), int(micro)
@@ -53,16 +61,30 @@ class SATState:
             return self._record(layer, kind, idx, idx.numel(), n_local)
         if self.cfg is None:
             return self._record(layer, kind, None, n_local, n_local)
-        k = keep_count(n_local, self.rates[kind], self.align(kind))
+        k = keep_count(n_local, self.rates[kind], self.align(kind), self.cfg, kind)
         if k >= n_local:
             return self._record(layer, kind, None, n_local, n_local)
-        # The micro-batch is part of the seed: each micro-batch selects afresh, and an
-        # activation-recompute pass re-derives the very same selection.
-        gen = selection_generator(self.cfg.seed, self.step, self.micro, layer,
-                                  self.comm.tp_rank, kind, device)
-        scores = scores_fn(gen, self.cfg.token_stride)
-        idx = select_units(scores, k, self.cfg.selection, self.cfg.temperature, gen)
-        return self._record(layer, kind, idx, k, n_local)
+        micro = self.micro if self.cfg.granularity == "micro-batch" else 0
+        key = (self.step, micro, k)
+        made = self._made.get((layer, kind))
+        if made is None or made[0] != key:
+            # Seeded from the selection key, never from global RNG state: every DP replica of
+            # this partition draws the same units.
+            gen = selection_generator(self.cfg.seed, self.step, micro, layer, self.comm.tp_rank, kind, device)
+            scores = scores_fn(gen, self.cfg.token_stride)
+            idx = select_units(scores, k, self.cfg.selection, self.cfg.temperature, gen)
+            made = self._made[(layer, kind)] = (key, idx, complement(idx, n_local))
+        return self._record(layer, kind, made[1], k, n_local)
+
+    def omitted_units(self, layer: int, kind: str) -> Optional[torch.Tensor]:
+        """Local indices omitted at the last `kept_units` call of (layer, kind)."""
+        idx = self.selected.get((layer, kind))
+        if idx is None:
+            return None
+        made = self._made.get((layer, kind))
+        if made is not None and made[1] is idx:
+            return made[2]
+        return complement(idx, self.kept[(layer, kind)][1])  # forced selections
 
     def _record(self, layer: int, kind: str, idx, k: int, n_local: int):
         self.kept[(layer, kind)] = (k, n_local)

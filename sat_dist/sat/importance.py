@@ -52,7 +52,9 @@ def mlp_scores(metric: str, x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tenso
         return (gate.pow(2).sum(1) + up.pow(2).sum(1) + fc2.float().pow(2).sum(1)).sqrt()
     xs = _tokens(x, token_stride)
     if metric == "maxip":
-        ip = (xs @ fc1[:n].t()).float().abs()  # [tokens, n]
+        # fp32 products: bf16 rounding before the max made many exact ties, which top-k then
+        # broke towards low indices. Cheap at the token stride.
+        ip = (xs.float() @ fc1[:n].float().t()).abs()  # [tokens, n]
         return reduce(ip.amax(0), "max")
     if metric == "wanda":
         norms = _feature_norms(xs, reduce)  # [h]
@@ -81,7 +83,7 @@ def attention_scores(metric: str, x: torch.Tensor, qkv: torch.Tensor, o: torch.T
     xs = _tokens(x, token_stride)
     if metric == "maxip":
         wq = groups[:, : r * d].reshape(G * r * d, h)
-        q = (xs @ wq.t()).float().view(-1, G, r * d)  # [tokens, G, r*d]
+        q = (xs.float() @ wq.float().t()).view(-1, G, r * d)  # [tokens, G, r*d], fp32 as above
         return reduce(q.norm(dim=2).amax(0), "max")
     if metric == "wanda":
         norms = _feature_norms(xs, reduce)  # [h]
