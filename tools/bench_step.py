@@ -73,6 +73,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--no-thp", action="store_true",
                    help="CPU: leave THP_MEM_ALLOC_ENABLE off (launch/pretrain.py turns it on)")
     p.add_argument("--no-sat-dist", action="store_true", help="run only the peer")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile one step per setting (torch.profiler, rank 0): top N ops in the JSON")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--worker", choices=["sat_dist", "peer"], help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -234,6 +236,16 @@ def worker(a) -> int:
                 rows[s]["times"].append(out["step_s"])
                 rows[s]["phases"].append(out)
     comm_split = {s: one_step(*s, timed_comm=True) for s in settings}
+    profiles = {}
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        for s in settings:
+            with profile(activities=acts) as prof:
+                one_step(*s)
+            sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            profiles[str(s)] = prof.key_averages().table(sort_by=sort, row_limit=a.profile).splitlines()
     mem.stop()
     kept = {}
     if sat is not None:
@@ -265,7 +277,8 @@ def worker(a) -> int:
                                  "instrumented_step_s": c["step_s"],
                                  "peak_memory_gb": max(r[str(s)]["peak"] for r in everyone) / 2**30,
                                  "dense_flops": dense_flops, "executed_flops": executed,
-                                 "flop_ideal_speedup": dense_flops / executed})
+                                 "flop_ideal_speedup": dense_flops / executed,
+                                 "profile_rank0": profiles.get(str(s), [])})
         dense_med = settings_out[0]["median_step_s"]
         for r in settings_out:
             r["speedup"] = dense_med / r["median_step_s"]
