@@ -96,7 +96,7 @@ def _run(argv) -> int:
         raise SatDistError(f"--save/--load need ZeRO stage 3 (configs/ds_zero3.json or ds_zero3_offload.json); "
                            f"{t.ds_config} uses stage {ds.get('zero_optimization', {}).get('stage', 0)}")
     if not default_job:
-        datasets = _open_data(t, model_cfg)
+        datasets = _open_data(t, model_cfg, world // tp)
     check_save_dir(t.save, t.load)
     resume = check_resume(t.load, model_cfg, run_definition(run, model_cfg)) if t.load else None
     comm = init_distributed(t.tensor_model_parallel_size)
@@ -109,7 +109,7 @@ def _run(argv) -> int:
             prepare_default_data(DEFAULT_RUN / "data", log)
         dist.barrier()
         t.data_path, t.tokenizer_model = prepare_default_data(DEFAULT_RUN / "data", log)
-        datasets = _open_data(t, model_cfg)
+        datasets = _open_data(t, model_cfg, comm.dp_size)
     log(f"model {model_cfg.name}: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
         f"ffn {model_cfg.ffn_hidden_size}, heads {model_cfg.num_attention_heads}/{model_cfg.num_query_groups} | "
         f"TP {comm.tp_size} x DP {comm.dp_size} | SAT {run.sat.schedule} metric={run.sat.metric} "
@@ -119,17 +119,31 @@ def _run(argv) -> int:
     return 0
 
 
-def _open_data(t, model_cfg):
-    from sat_dist.data.packing import build_packed_datasets
+def _open_data(t, model_cfg, dp_size):
+    from sat_dist.data.packing import build_packed_datasets, build_whole_dataset
     from sat_dist.data.tokenizer import load_tokenizer
+    from sat_dist.train.arguments import valid_data_sets
 
     tok = load_tokenizer(t.tokenizer_model)
     if tok.vocab_size > model_cfg.vocab_size:
         raise SatDistError(f"--tokenizer-model {t.tokenizer_model} has {tok.vocab_size} tokens, more than the "
                            f"model's vocab_size {model_cfg.vocab_size}; use the model's tokenizer or a "
                            f"model config with vocab_size >= {tok.vocab_size}")
-    return build_packed_datasets(t.data_path, t.seq_length, tok.eos_id, t.seed, t.split,
-                                 vocab_size=model_cfg.vocab_size)
+    datasets = build_packed_datasets(t.data_path, t.seq_length, tok.eos_id, t.seed, t.split,
+                                     vocab_size=model_cfg.vocab_size)
+    for key, prefix in valid_data_sets(t.valid_data_path).items():
+        entry = prefix if key == "valid" else f"{key[len('valid/'):]}={prefix}"
+        try:
+            ds = build_whole_dataset(prefix, t.seq_length, tok.eos_id, t.seed, model_cfg.vocab_size, key)
+        except SatDistError as e:
+            raise SatDistError(f"--valid-data-path {entry}: {e}") from None
+        if len(ds) < t.micro_batch_size * dp_size:
+            raise SatDistError(f"--valid-data-path {entry}: {len(ds)} sample{'s' if len(ds) > 1 else ''} of "
+                               f"{t.seq_length} tokens, fewer than one micro-batch per DP rank "
+                               f"({t.micro_batch_size} x DP {dp_size}); use a larger set or a smaller "
+                               f"--micro-batch-size")
+        datasets[key] = ds  # a bare prefix replaces the split's validation set
+    return datasets
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sat_dist.data.indexed import IndexedDatasetWriter
 from tests.launchers import REPO, digest
 
 sys.path.insert(0, str(REPO / "launch"))
@@ -36,6 +37,11 @@ def ws(corpus, reference_run, hf_init, tmp_path_factory):
     (w / "float.idx").write_bytes(bytes(idx))
     (w / "empty.bin").write_bytes(b"")
     (w / "empty.idx").write_bytes(b"")
+    sets = {"one_sample": [5] * 100, "few_tokens": [5] * 10, "big_ids": [5] * 99 + [5000] + [5] * 100}
+    for name, tokens in sets.items():
+        with IndexedDatasetWriter(w / name, "uint16") as iw:  # validation sets
+            iw.add_document(tokens)
+            iw.finalize()
     (w / "garbage.model").write_bytes(b"\x00not a sentencepiece model" * 10)
     shutil.copy(corpus["tok"], w / "tok.model")
 
@@ -135,6 +141,24 @@ CASES = [
     ("data float dtype", {"data-path": "{ws}/float"}, "float32"),
     ("data empty", {"data-path": "{ws}/empty"}, "empty"),
     ("split without train", {"split": "0,1"}, "data.split: got '0,1'"),
+    # validation sets
+    ("valid set missing", {"_extra": ["--valid-data-path", "code={ws}/nope"]},
+     "--valid-data-path code={ws}/nope: {ws}/nope.idx: file not found"),
+    ("valid set empty name", {"_extra": ["--valid-data-path", "={ws}/good"]}, "empty name before '='"),
+    ("valid set empty prefix", {"_extra": ["--valid-data-path", "code="]}, "'code=': no dataset prefix after '='"),
+    ("valid set name twice", {"_extra": ["--valid-data-path", "a={ws}/good", "a={ws}/one_sample"]},
+     "got the name 'a' twice"),
+    ("valid set two bare prefixes", {"_extra": ["--valid-data-path", "{ws}/good", "{ws}/one_sample"]},
+     "got two prefixes without a name"),
+    ("valid set name not a tag", {"_extra": ["--valid-data-path", "my code={ws}/good"]}, "may hold only letters"),
+    ("valid set below one micro-batch", {"_extra": ["--valid-data-path", "code={ws}/one_sample"]},
+     "code={ws}/one_sample: 1 sample of 64 tokens, fewer than one micro-batch per DP rank (2 x DP 1)"),
+    ("valid set below one sample", {"_extra": ["--valid-data-path", "{ws}/few_tokens"]},
+     "--valid-data-path {ws}/few_tokens: {ws}/few_tokens: 11 tokens (EOS separators included), not one sample"),
+    ("valid set of another tokenizer", {"_extra": ["--valid-data-path", "code={ws}/big_ids"]},
+     "big_ids.bin: token id 5000 outside"),
+    ("valid set without --data-path", {"data-path": None, "_extra": ["--valid-data-path", "code={ws}/good"]},
+     "--valid-data-path needs --data-path"),
     # tokenizers
     ("tokenizer missing", {"tokenizer-model": "{ws}/nope.model"}, "nope.model"),
     ("tokenizer garbage", {"tokenizer-model": "{ws}/garbage.model"}, "garbage.model"),
@@ -171,7 +195,8 @@ def test_catalog_of_bad_inputs(ws, capsys):
     assert len(CASES) >= 25
     before = digest(ws)
     for name, over, msg in CASES:
-        over = {k: (v.format(ws=ws) if isinstance(v, str) else v) for k, v in over.items()}
+        over = {k: (v.format(ws=ws) if isinstance(v, str) else [x.format(ws=ws) for x in v] if isinstance(v, list)
+                    else v) for k, v in over.items()}
         rc = main([str(a) for a in _argv(ws, **over)])
         err = capsys.readouterr().err.strip()
         msg = msg.format(ws=ws)

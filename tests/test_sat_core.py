@@ -78,13 +78,65 @@ def test_all_zero_scores_still_select_k():
     (11008, 0.3, 128, 7680),   # 7705.6 -> 7680 (the aligned count that ran faster than dense)
     (11008, 0.5, 128, 5504),
     (11008, 0.0, 128, 11008),  # rate 0 is dense, not rounded
-    (11008, 0.99, 128, 128),   # at least align
+    (11008, 0.99, 128, 128),   # at least align, never 0
     (32, 0.3, 1, 22),
     (32, 0.5, 1, 16),
     (8, 0.9, 1, 1),
+    (4, 0.3, 1, 3),            # 2.8 rounds to nearest (floored, 2 omitted half the heads)
+    (3, 0.15, 1, 3),           # 2.55 -> 3: this nonzero rate runs dense
+    (1376, 0.075, 128, 1280),  # 1272.8 -> 1280 (floored: 1152)
+    (1376, 0.3, 128, 1024),    # 963.2 -> 1024 (nearest; the ladder rule may go down, below)
+    (100, 0.3, 128, 100),      # align above n: never more than n
 ])
 def test_keep_count(n, rate, align, expect):
     assert keep_count(n, rate, align) == expect
+
+
+LADDER = (0.3, 0.225, 0.15, 0.075)  # the default ladder: r = 0.3, 3 rungs
+
+
+@pytest.mark.parametrize("what,n,align,kind,expect", [
+    # SmolLM2-135M attention, 3 KV groups (TP=1): only 2 and 3 exist; nearest, so 0.15 and
+    # 0.075 run dense (floored, every rung kept 2: a third of the heads omitted to the end)
+    ("smollm2 attn", 3, 1, "attn", [2, 2, 3, 3]),
+    # Llama-2 7B attention at TP=8, 4 heads per partition: 0.3 keeps 3 (floored: 2, i.e. 0.5)
+    ("7b attn tp8", 4, 1, "attn", [3, 3, 3, 4]),
+    # Llama-2 7B MLP at TP=8, 1376 channels, align 128: nearest gives 1024 twice; one step
+    # down for 0.3 keeps all rungs distinct (floored: 1152 twice)
+    ("7b mlp tp8", 1376, 128, "mlp", [896, 1024, 1152, 1280]),
+    ("7b mlp tp1", 11008, 128, "mlp", [7680, 8576, 9344, 10240]),
+    ("tiny-test mlp", 128, 16, "mlp", [96, 96, 112, 112]),  # no distinct choice within one step
+])
+def test_ladder_keep_counts_by_hand(what, n, align, kind, expect):
+    cfg = SATConfig().validate()
+    assert [keep_count(n, r, align, cfg, kind) for r in LADDER] == expect, what
+    assert keep_count(n, 0.0, align, cfg, kind) == n
+
+
+def test_ladder_keep_count_rule_brute_force():
+    """Against an enumeration of all down/up choices: distinct and below n if any choice is,
+    the one closest to the nominal counts; else nearest."""
+    import itertools
+
+    for n, align, r, L in ((1376, 128, 0.3, 3), (40, 4, 0.5, 4), (7, 1, 0.6, 2), (64, 16, 0.45, 3), (9, 1, 0.3, 5)):
+        cfg = SATConfig(omission_mlp=r, ladder_steps=L).validate()
+        rates = [r * (1.0 if j == 0 else (L - j + 1) / (L + 1)) for j in range(L + 1)]
+        nominal = [n * (1 - x) for x in rates]
+        choices = [sorted({min(n, max(align, math.floor(c / align) * align)),
+                           min(n, max(align, math.ceil(c / align) * align))}) for c in nominal]
+        ok = [ks for ks in itertools.product(*choices) if len(set(ks + (n,))) == len(ks) + 1
+              and list(ks) == sorted(ks)]
+        if ok:
+            want = min(ok, key=lambda ks: (sum(abs(k - c) for k, c in zip(ks, nominal)), ks))
+        else:
+            want = tuple(min(n, max(align, math.floor(c / align + 0.5) * align)) for c in nominal)
+        got = tuple(keep_count(n, x, align, cfg, "mlp") for x in rates)
+        assert got == want, (n, align, r, L, got, want)
+
+
+def test_constant_schedule_rounds_to_nearest():
+    cfg = SATConfig(schedule="constant", omission_attn=0.3).validate()
+    assert keep_count(4, 0.3, 1, cfg, "attn") == 3
 
 
 # ---------------------------------------------------------------- schedules
@@ -103,6 +155,34 @@ def test_ladder_schedule_values():
 def test_short_ladder_still_ends_dense():
     s = OmissionSchedule(SATConfig(omission_mlp=0.3).validate(), total_steps=6)  # 0.1 * 6 < 1 step
     assert [round(s.rates(t)[1], 4) for t in range(6)] == [0.3, 0.3, 0.3, 0.225, 0.15, 0.0]
+
+
+@pytest.mark.parametrize("sparse,dense", [(0.6, 0.0), (1.0, 0.0), (0.9, 0.0), (0.0, 0.0), (0.5, 0.5)])
+@pytest.mark.parametrize("steps", [1, 2, 7, 100])
+def test_ladder_always_ends_with_a_dense_step(sparse, dense, steps):
+    s = OmissionSchedule(SATConfig(sparse_fraction=sparse, dense_fraction=dense).validate(), steps)
+    assert s.fraction(steps - 1) == 0.0 and s.rates(steps - 1) == (0.0, 0.0)
+    if steps > 1 and sparse > 0 and dense == 0:
+        assert s.fraction(0) == 1.0  # only the last step was made dense
+
+
+def test_ladder_dense_fraction_zero_by_hand():
+    s = OmissionSchedule(SATConfig(omission_mlp=0.4, sparse_fraction=0.5, ladder_steps=1,
+                                   dense_fraction=0.0).validate(), 10)
+    # 0-4 at r; the one rung (r/2) over steps 5-8; step 9 dense (without the fix: r/2)
+    assert [round(s.rates(t)[1], 6) for t in range(10)] == [0.4] * 5 + [0.2] * 4 + [0.0]
+    s = OmissionSchedule(SATConfig(omission_mlp=0.4, sparse_fraction=1.0, dense_fraction=0.0).validate(), 4)
+    assert [s.rates(t)[1] for t in range(4)] == [0.4, 0.4, 0.4, 0.0]
+
+
+def test_rungs_lists_the_distinct_rates_in_order():
+    cfg = SATConfig(omission_mlp=0.4, omission_attn=0.2, sparse_fraction=0.5, ladder_steps=3,
+                    dense_fraction=0.2).validate()
+    rungs = [(round(a, 9), round(m, 9)) for a, m in OmissionSchedule(cfg, 100).rungs()]
+    assert rungs == [(0.2, 0.4), (0.15, 0.3), (0.1, 0.2), (0.05, 0.1), (0, 0)]
+    short = OmissionSchedule(SATConfig(omission_mlp=0.3).validate(), 6)  # skips the last rung
+    assert [m for _, m in short.rungs()] == pytest.approx([0.3, 0.225, 0.15, 0.0])
+    assert OmissionSchedule(SATConfig(schedule="dense").validate(), 5).rungs() == [(0.0, 0.0)]
 
 
 def test_constant_and_dense_schedules():

@@ -18,6 +18,9 @@ Each split is shuffled on its own, per epoch, by numpy Generators seeded from
 sample perm_{g // n}[g % n] of its range. Step i of global batch G uses g in [i*G, (i+1)*G);
 data-parallel rank r of D takes the r-th contiguous G/D of it. A run restored from a
 checkpoint with its consumed_samples continues exactly where it stopped, at any DP size.
+
+A validation set of its own (--valid-data-path) is a whole dataset: every sample of its
+stream, no split, shuffled like the valid split (split index 1).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class PackedDataset:
     """One split: `len()` samples of seq_length + 1 tokens, reshuffled every epoch."""
 
     def __init__(self, stream: TokenStream, seq_length: int, first_sample: int, num_samples: int,
-                 seed: int, split_index: int = 0, name: str = "train"):
+                 seed: int, split_index: int = 0, name: str = "train", whole: bool = False):
         self.stream = stream
         self.seq_length = seq_length
         self.first_sample = first_sample
@@ -86,6 +89,8 @@ class PackedDataset:
         self.seed = seed
         self.split_index = split_index
         self.name = name
+        self.whole = whole
+        """The dataset's every sample (a --valid-data-path set), not a share of a split."""
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
@@ -195,5 +200,23 @@ def build_packed_datasets(prefix: str | Path, seq_length: int, eos_id: int, seed
     return out
 
 
+def build_whole_dataset(prefix: str | Path, seq_length: int, eos_id: int, seed: int = 1234,
+                        vocab_size: Optional[int] = None, name: str = "valid") -> PackedDataset:
+    """All of PREFIX.bin/.idx as one dataset (a validation set of its own).
+
+    With vocab_size, every token id is checked against it (a set made with another
+    tokenizer would index past the embedding); validation sets are small enough to scan.
+    """
+    reader = IndexedDatasetReader(prefix, vocab_size=vocab_size)
+    if vocab_size is not None:
+        reader.check_token_range(vocab_size)
+    stream = TokenStream(reader, eos_id)
+    total = (stream.num_tokens - 1) // seq_length
+    if total == 0:
+        raise SatDistError(f"{prefix}: {stream.num_tokens} tokens (EOS separators included), not one sample "
+                           f"of seq_length {seq_length} + 1; use more data or a shorter seq_length")
+    return PackedDataset(stream, seq_length, 0, total, seed, 1, name, whole=True)
+
+
 __all__ = ["TokenStream", "PackedDataset", "parse_split", "split_sample_ranges",
-           "build_packed_datasets", "SPLIT_NAMES"]
+           "build_packed_datasets", "build_whole_dataset", "SPLIT_NAMES"]

@@ -2,21 +2,79 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
+from typing import Optional
 
 import torch
 
+from sat_dist.config import SATConfig
+from sat_dist.sat.schedule import ladder_rates
 
-def keep_count(n: int, omission: float, align: int) -> int:
-    """Units kept out of `n` at omission rate `omission`.
+_EPS = 1e-9  # n * (1 - r) is computed in floating point: 96.0 must not become 95.999...
 
-    Rate 0 keeps all `n` (dense, whatever the alignment). Otherwise n*(1-omission) is rounded
-    DOWN to a multiple of `align`, and is at least `align` (at most n).
+
+def keep_count(n: int, omission: float, align: int, sat: Optional[SATConfig] = None,
+               kind: str = "mlp") -> int:
+    """Units kept out of `n` (one TP partition) at omission rate `omission`.
+
+    Rate 0 keeps all `n` (dense, whatever the alignment). Otherwise the nominal count
+    n*(1-omission) is rounded to the NEAREST multiple of `align`, at least `align` and at
+    most `n` (a nonzero rate that rounds to `n` runs dense). With `sat` given, a rate on the
+    `kind`'s ladder gets its count from `ladder_keep_counts`, which keeps the rungs distinct
+    where the partition's unit count allows. Every TP partition holds the same `n`, so every
+    TP rank keeps the same count.
     """
     if omission <= 0.0:
         return n
-    k = int(n * (1.0 - omission) + 1e-9) // align * align
+    if sat is not None:
+        rates = ladder_rates(sat, kind)
+        for r, k in zip(rates, ladder_keep_counts(n, align, rates)):
+            if abs(r - omission) <= _EPS:
+                return k
+    return _nearest(n, omission, align)
+
+
+def _nearest(n: int, omission: float, align: int) -> int:
+    k = int(math.floor(n * (1.0 - omission) / align + 0.5 + _EPS)) * align
     return min(n, max(k, align))
+
+
+@functools.lru_cache(maxsize=256)
+def ladder_keep_counts(n: int, align: int, rates: tuple[float, ...]) -> tuple[int, ...]:
+    """Keep counts of `n` units at the ladder's nonzero `rates` (highest first).
+
+    Rounding each rate to the nearest aligned count can give two rungs the same count (the
+    rung's rates differ by less than `align` units) and so drop a rung from the ladder: 1376
+    MLP channels per partition (Llama-2 7B at TP=8, align 128) at 0.3 and 0.225 both round
+    to 1024. So: each rate may round down or up (never further than one `align` step from
+    its nominal count); if some such choice makes all counts distinct and below `n` (the
+    dense end), the one closest in total to the nominal counts is used (1376 -> 896, 1024,
+    1152, 1280); otherwise, when there are fewer aligned counts than rungs (3 KV groups,
+    4 rungs), each rate rounds to nearest.
+    """
+    near = [_nearest(n, r, align) for r in rates]
+    if len(set(near + [n])) == len(near) + 1:
+        return tuple(near)
+    # Shortest path over (rung, candidate count): counts must rise strictly along the rungs.
+    # best[k] = (total distance from the nominal counts, counts so far) ending at count k.
+    best: dict[int, tuple[float, tuple[int, ...]]] = {-1: (0.0, ())}
+    for r in rates:
+        c = n * (1.0 - r)
+        down = min(n, max(align, int(math.floor(c / align + _EPS)) * align))
+        up = min(n, max(align, int(math.ceil(c / align - _EPS)) * align))
+        step: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for k in {down, up}:
+            if k >= n:
+                continue
+            options = [(cost + abs(k - c), path + (k,)) for prev, (cost, path) in best.items() if prev < k]
+            if options:
+                step[k] = min(options)
+        best = step
+    if not best:
+        return tuple(near)
+    return min(best.values())[1]
 
 
 def selection_generator(seed: int, step: int, micro: int, layer: int, tp_rank: int, kind: str,

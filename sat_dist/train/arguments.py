@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ class TrainConfig:
     """Prefix of a megatron indexed dataset (PREFIX.bin/.idx); None runs the embedded default."""
     split: str = "969,30,1"
     """Train/valid/test weights."""
+    valid_data_path: Optional[list[str]] = None
+    """Validation sets of their own, NAME=PREFIX each (a bare PREFIX replaces the split's
+    validation set); each is read whole and logged as `lm loss validation/NAME`."""
     tokenizer_model: Optional[str] = None
     """SentencePiece tokenizer.model or HF tokenizer.json (its EOS separates documents)."""
     load: Optional[str] = None
@@ -116,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--recompute-activations", action="store_true", default=t.recompute_activations)
     a("--data-path", default=t.data_path)
     a("--split", default=t.split)
+    a("--valid-data-path", nargs="+", default=t.valid_data_path, metavar="NAME=PREFIX")
     a("--tokenizer-model", default=t.tokenizer_model)
     a("--load", default=t.load)
     a("--save", default=t.save)
@@ -160,6 +165,34 @@ class RunConfig:
     sat: SATConfig
     model_config_path: Optional[Path]
     """The model JSON (None when only --hf-checkpoint gives the model)."""
+
+
+_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def valid_data_sets(entries: Optional[list[str]]) -> dict[str, str]:
+    """--valid-data-path entries -> {"valid/NAME": PREFIX}; a bare PREFIX -> {"valid": PREFIX}
+    (Megatron's meaning of the flag: the run's validation set). Malformed entries are refused
+    here; missing files when the sets are opened."""
+    out: dict[str, str] = {}
+    fix = "write NAME=PREFIX, e.g. code=/data/code_text_document"
+    for entry in entries or []:
+        name, eq, prefix = entry.partition("=")
+        if not eq:
+            name, prefix = None, entry
+        elif not name:
+            raise SatDistError(f"--valid-data-path {entry!r}: empty name before '='; {fix}")
+        elif not prefix:
+            raise SatDistError(f"--valid-data-path {entry!r}: no dataset prefix after '='; {fix}")
+        elif not _SET_NAME.fullmatch(name):
+            raise SatDistError(f"--valid-data-path {entry!r}: name {name!r} may hold only letters, digits, "
+                               f"'_', '-' and '.' (it becomes a TensorBoard tag)")
+        key = "valid" if name is None else f"valid/{name}"
+        if key in out:
+            what = "two prefixes without a name" if name is None else f"the name {name!r} twice"
+            raise SatDistError(f"--valid-data-path: got {what} ({out[key]}, {prefix}); give each set its own NAME=")
+        out[key] = prefix
+    return out
 
 
 def run_definition(run: RunConfig, model_cfg: ModelConfig) -> dict:
@@ -247,6 +280,10 @@ def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
             raise SatDistError(f"--config {path}: unknown key {key!r}; keys are flag names such as seq-length")
         if act.choices is not None and value not in act.choices:
             raise SatDistError(f"--config {path}: {key}: got {value!r}; allowed: {', '.join(map(str, act.choices))}")
+        if act.nargs == "+" and value is not None:
+            if not isinstance(value, (str, list)):
+                raise SatDistError(f"--config {path}: {key}: got {value!r}; expected a list of strings")
+            value = [str(v) for v in ([value] if isinstance(value, str) else value)]
         if act.type is not None and value is not None:
             try:
                 value = act.type(value)
@@ -281,3 +318,8 @@ def _validate_train(t: TrainConfig) -> None:
             raise SatDistError(f"--{name.replace('_', '-')}: got {v}; allowed: a number in [0, 1)")
     if t.data_path is not None and t.tokenizer_model is None:
         raise SatDistError("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
+    if t.valid_data_path:
+        valid_data_sets(t.valid_data_path)
+        if t.data_path is None:
+            raise SatDistError("--valid-data-path needs --data-path and --tokenizer-model: the sets are read "
+                               "with the run's tokenizer")

@@ -17,10 +17,11 @@ from sat_dist.data.packing import PackedDataset
 from sat_dist.errors import SatDistError
 from sat_dist.parallel.comm import ParallelComm
 from sat_dist.sat.schedule import OmissionSchedule
+from sat_dist.sat.selection import keep_count
 from sat_dist.train.arguments import RunConfig, run_definition
 from sat_dist.train.engine import Engine
 from sat_dist.faults import fault_point
-from sat_dist.train.metrics import TensorBoardLog, model_flops
+from sat_dist.train.metrics import ExecutedFlops, TensorBoardLog
 from sat_dist.train.preemption import PreemptionFlag
 
 H100_PEAK_BF16 = 989e12
@@ -63,15 +64,45 @@ def _max_memory() -> tuple[str, float]:
     return "memory/max-rss-bytes", float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def eval_micro_batches(ds: PackedDataset, run: RunConfig, dp_size: int) -> int:
+    """Micro-batches per DP rank per evaluation: --eval-iters, or fewer for a whole
+    validation set (--valid-data-path) too small for them, so that no sample counts twice.
+    The split's validation set keeps --eval-iters (its samples repeat if it is smaller)."""
+    t = run.train
+    if not ds.whole:
+        return t.eval_iters
+    return min(t.eval_iters, len(ds) // (t.micro_batch_size * dp_size))
+
+
+def keep_counts_line(schedule: OmissionSchedule, model_cfg: ModelConfig, tp_size: int) -> str:
+    """What every rung of the run really keeps per TP partition, by kind (rounding can make
+    it differ from the nominal rates, and make rungs coincide)."""
+    cfg = schedule.cfg
+    units = {"attn": (model_cfg.num_query_groups // tp_size, cfg.align_attn, "groups"),
+             "mlp": (model_cfg.ffn_hidden_size // tp_size, cfg.align_mlp, "channels")}
+    rungs = []
+    for rates in schedule.rungs():
+        kept, omitted = [], []
+        for kind, rate in zip(("attn", "mlp"), rates):
+            n, align, what = units[kind]
+            k = keep_count(n, rate, align, cfg, kind)
+            kept.append(f"{kind} {k}/{n} {what}")
+            omitted.append(f"{1 - k / n:.3f}")
+        rungs.append(f"{rates[0]:.3g}/{rates[1]:.3g} -> {', '.join(kept)} (omitted {'/'.join(omitted)})")
+    return "SAT keep counts per TP partition: rung rates attn/mlp " + "; ".join(rungs)
+
+
 @torch.no_grad()
-def evaluate(eng: Engine, valid: PackedDataset, run: RunConfig, comm: ParallelComm) -> float:
-    """Mean validation loss of the DENSE model (SAT off) on the first eval_iters batches."""
+def evaluate(eng: Engine, valid: PackedDataset, run: RunConfig, comm: ParallelComm,
+             micro_batches: Optional[int] = None) -> float:
+    """Mean validation loss of the DENSE model (SAT off) on the first `micro_batches`
+    (default --eval-iters) micro-batches of every DP rank."""
     t = run.train
     dev = _device()
     eng.engine.eval()
     eng.sat.set_step(0, 0, 0.0, 0.0)
     total = torch.zeros((), device=dev)
-    gbs = t.eval_iters * t.micro_batch_size * comm.dp_size
+    gbs = (micro_batches or t.eval_iters) * t.micro_batch_size * comm.dp_size
     n = 0
     for ids, labels in valid.step_batches(0, gbs, t.micro_batch_size, comm.dp_rank, comm.dp_size):
         total += eng.engine(ids.to(dev), labels.to(dev)).float().mean()
@@ -93,7 +124,12 @@ class Trainer:
         self.gbs = eng.ds_config["train_batch_size"]
         self.stage3 = eng.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
         self.schedule = OmissionSchedule(run.sat, t.train_iters)
-        self.train_ds, self.valid_ds = datasets["train"], datasets.get("valid")
+        self.train_ds = datasets["train"]
+        # "valid" (the split's, or a bare --valid-data-path prefix) logs as `lm loss
+        # validation`; "valid/NAME" as `lm loss validation/NAME`.
+        self.valid_sets = {k: (ds, eval_micro_batches(ds, run, comm.dp_size))
+                           for k, ds in datasets.items() if k == "valid" or k.startswith("valid/")}
+        self.flops = ExecutedFlops(model_cfg, self.gbs, t.seq_length)
         self.last = t.exit_interval if 0 < t.exit_interval < t.train_iters else t.train_iters
         self.peak = H100_PEAK_BF16 if torch.cuda.is_available() else None
         self.p = Progress()
@@ -118,15 +154,17 @@ class Trainer:
         if p.iteration >= self.last and self.rank0:
             self.log(f"nothing to train: the checkpoint is at iteration {p.iteration} of {self.last}")
         self.tb = TensorBoardLog(t.tensorboard_dir, self.rank0)
+        if self.rank0:
+            self._describe()
         preemption = PreemptionFlag.install()
-        self._interval = (time.perf_counter(), 0)
+        self._interval_start = time.perf_counter()
         try:
             preempted = preemption.any_rank(self.dev)  # a signal during start-up or resume
             while p.iteration < self.last and not preempted:
                 preempted = self._step(preemption)
                 if p.iteration == self.last:
                     break
-                if self.valid_ds is not None and t.eval_interval and p.iteration % t.eval_interval == 0:
+                if self.valid_sets and t.eval_interval and p.iteration % t.eval_interval == 0:
                     self._validate()
                 if t.save_interval and p.iteration % t.save_interval == 0:
                     self._save()
@@ -139,13 +177,29 @@ class Trainer:
                 p.preempted = True
                 return p
             if p.iteration > start_iter:
-                if self.valid_ds is not None:
+                if self.valid_sets:
                     self._validate()
                 self._save()
         finally:
             preemption.restore()
             self.tb.close()
         return p
+
+    def _describe(self) -> None:
+        """Start-up lines: the keep counts SAT will really use, and what each validation
+        set evaluates."""
+        if self.run_cfg.sat.schedule != "dense":
+            self.log(keep_counts_line(self.schedule, self.model_cfg, self.comm.tp_size))
+        t = self.t
+        for key, (ds, iters) in self.valid_sets.items():
+            if not ds.whole:
+                continue
+            fewer = (f" (fewer than --eval-iters {t.eval_iters}: the set has {len(ds)} samples)"
+                     if iters < t.eval_iters else "")
+            name = f" {key[len('valid/'):]}" if key != "valid" else ""
+            self.log(f"validation set{name}: {ds.stream.reader.prefix}, {len(ds)} samples of {t.seq_length} tokens; "
+                     f"{iters} micro-batch{'es' if iters > 1 else ''} of {t.micro_batch_size} per DP rank per "
+                     f"evaluation{fewer}")
 
     def _step(self, preemption: PreemptionFlag) -> bool:
         """One optimizer step; returns whether any rank asked to stop (one all-reduce, the
@@ -195,15 +249,14 @@ class Trainer:
         scalars["skipped-iterations"] = p.skipped_total
         kept_attn, keep_attn = _kept(eng.sat, "attn", self.model_cfg.num_layers)
         kept_mlp, keep_mlp = _kept(eng.sat, "mlp", self.model_cfg.num_layers)
-        # Kept counts are floored per TP partition, so the rate applied can exceed the nominal
-        # one (e.g. 4 heads per partition at 0.3 keep 2): log what was really omitted.
+        # Keep counts are whole (aligned) units per TP partition, so the rate applied differs
+        # from the nominal one (3 KV groups at 0.3 keep 2: 0.33): log what was really omitted.
         scalars.update({"sat/kept-units-attn": kept_attn, "sat/kept-units-mlp": kept_mlp,
                         "sat/effective-omission-rate-attn": 1.0 - keep_attn,
                         "sat/effective-omission-rate-mlp": 1.0 - keep_mlp})
-        start, steps = self._interval
-        self._interval = (start, steps + 1)
+        self.flops.add_step(keep_attn, keep_mlp)
         if p.iteration % t.log_interval == 0 or p.iteration == self.last:
-            scalars.update(self._throughput(keep_attn, keep_mlp))
+            scalars.update(self._throughput())
             if self.rank0:
                 self._console(scalars)
         self.tb.scalars(p.iteration, scalars)
@@ -218,16 +271,17 @@ class Trainer:
                                f"is outside the model's vocabulary ({self.model_cfg.vocab_size}); the data was "
                                f"made with another tokenizer: re-run tools/preprocess_data.py")
 
-    def _throughput(self, keep_attn: float, keep_mlp: float) -> dict:
+    def _throughput(self) -> dict:
         """Averages over the steps since the last log line (one device sync per log line)."""
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        start, steps = self._interval
-        elapsed = (time.perf_counter() - start) / max(steps, 1)
-        self._interval = (time.perf_counter(), 0)
+        now = time.perf_counter()
+        steps, dense, executed = self.flops.take()
+        steps = max(steps, 1)
+        elapsed = (now - self._interval_start) / steps
+        dense, executed = dense / steps, executed / steps
+        self._interval_start = now
         world, seq = dist.get_world_size(), self.t.seq_length
-        dense = model_flops(self.model_cfg, self.gbs, seq)
-        executed = model_flops(self.model_cfg, self.gbs, seq, keep_attn, keep_mlp)
         mem_tag, mem = _max_memory()
         out = {"iteration-time": elapsed,
                "throughput/tokens-per-sec": self.gbs * seq / elapsed,
@@ -246,16 +300,25 @@ class Trainer:
                  f"| learning rate: {s['learning-rate']:.3E} | lm loss: {s['lm loss']:.6E} "
                  f"| grad norm: {s['grad-norm']:.3f} | tokens/s: {s['throughput/tokens-per-sec']:.0f} "
                  f"| model TFLOP/s/GPU: {s['throughput/model-tflops-per-gpu']:.3f} "
-                 f"| SAT omission attn/mlp: {s['sat/omission-rate-attn']:.2f}/{s['sat/omission-rate-mlp']:.2f} "
+                 f"| SAT omitted attn/mlp: {s['sat/effective-omission-rate-attn']:.3f}/"
+                 f"{s['sat/effective-omission-rate-mlp']:.3f} "
                  f"| number of skipped iterations: {p.skipped_total} "
                  f"| ETA: {time.strftime('%H:%M:%S', time.gmtime(eta))}")
 
     def _validate(self) -> None:
-        vloss = evaluate(self.eng, self.valid_ds, self.run_cfg, self.comm)
-        ppl = math.exp(min(vloss, 50.0))
-        self.tb.scalars(self.p.iteration, {"lm loss validation": vloss, "lm loss validation ppl": ppl})
-        if self.rank0:
-            self.log(f" validation at iteration {self.p.iteration} | lm loss: {vloss:.6E} | lm loss PPL: {ppl:.3f}")
+        for key, (ds, iters) in self.valid_sets.items():
+            vloss = evaluate(self.eng, ds, self.run_cfg, self.comm, iters)
+            ppl = math.exp(min(vloss, 50.0))
+            name = key[len("valid"):]  # "" or "/NAME"
+            self.tb.scalars(self.p.iteration, {f"lm loss validation{name}": vloss,
+                                               f"lm loss validation ppl{name}": ppl})
+            if not self.rank0:
+                continue
+            if name:
+                self.log(f" validation at iteration {self.p.iteration} | lm loss validation{name}: {vloss:.6E} "
+                         f"| lm loss validation ppl{name}: {ppl:.3f}")
+            else:
+                self.log(f" validation at iteration {self.p.iteration} | lm loss: {vloss:.6E} | lm loss PPL: {ppl:.3f}")
 
     def _save(self) -> None:
         p = self.p

@@ -26,6 +26,29 @@ def model_flops(cfg: ModelConfig, batch: int, seq: int, attn_keep: float = 1.0,
     return dense_tokens + batch * seq * seq * 6 * q * L * attn_keep
 
 
+class ExecutedFlops:
+    """Dense and executed FLOPs of the steps since the last log line.
+
+    The keep fractions change along the ladder, and within one log interval too, so each
+    step's executed FLOPs are added as the step ends: the interval's executed throughput is
+    what its steps really ran, not the last step's keep fractions applied to all of them.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, seq: int):
+        self.cfg, self.batch, self.seq = cfg, batch, seq
+        self.steps, self.executed = 0, 0.0
+
+    def add_step(self, attn_keep: float, mlp_keep: float) -> None:
+        self.steps += 1
+        self.executed += model_flops(self.cfg, self.batch, self.seq, attn_keep, mlp_keep)
+
+    def take(self) -> tuple[int, float, float]:
+        """(steps, dense FLOPs, executed FLOPs) of the interval; starts the next one."""
+        out = (self.steps, self.steps * model_flops(self.cfg, self.batch, self.seq), self.executed)
+        self.steps, self.executed = 0, 0.0
+        return out
+
+
 class TensorBoardLog:
     """Scalars written by exactly one rank (the others hold a disabled instance)."""
 
