@@ -59,3 +59,28 @@ def test_sparse_mlp_on_gpu_equals_cpu():
     y_gpu.sum().backward()
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gpu.fc1_weight.grad.cpu(), cpu.fc1_weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_step_benchmark_runs_and_reports(tmp_path):
+    """tools/bench_step.py end to end on one CPU rank (tiny width): both arms run through
+    torchrun and DeepSpeed ZeRO-3, and the FLOP-ideal speedup is the hand-computed one."""
+    from tools.bench_step import main as bench_step
+
+    out = tmp_path / "step.json"
+    assert bench_step(["--width", "tiny", "--layers", "2", "--vocab", "512", "--seq", "64", "--ranks", "1",
+                       "--rounds", "1", "--warmup", "0", "--omissions", "0.5,0.5", "--align-mlp", "32",
+                       "--peer", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"device", "date", "commit", "command", "sat_dist", "peer", "dense_vs_peer_tokens_per_s"} <= set(report)
+    dense, half = report["sat_dist"]["settings"]
+    assert dense["omission"] == [0.0, 0.0] and half["omission"] == [0.5, 0.5]
+    assert (half["keep_fraction_attn"], half["keep_fraction_mlp"]) == (0.5, 0.5)  # 2 of 4 heads, 384 of 768
+    # Per token, by hand (h 256, ffn 768, vocab 512, 2 layers, seq 64): projections 4*256*256,
+    # MLP 3*256*768, LM head 256*512, attention scores 64*256 (all x6 for fwd+bwd).
+    def flops(keep):
+        return 64 * 6 * (2 * (4 * 256 * 256 + 3 * 256 * 768) * keep + 256 * 512) + 64 * 64 * 6 * 256 * 2 * keep
+    assert half["flop_ideal_speedup"] == pytest.approx(flops(1.0) / flops(0.5))
+    assert half["speedup"] == pytest.approx(dense["median_step_s"] / half["median_step_s"])
+    for row in (dense, half, report["peer"]["settings"][0]):
+        assert row["tokens_per_s"] > 0 and row["peak_memory_gb"] > 0
+        assert row["forward_s"] > 0 and row["backward_s"] > 0 and row["optimizer_s"] > 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# As launch/pretrain.py does for training: huge pages for large CPU tensors (read once, at
+# torch's import).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 
@@ -70,7 +74,8 @@ class Timer:
         return statistics.median(times)
 
 
-def bench_shape(name: str, device, dtype, warmup: int, iters: int, token_stride: int) -> list[dict]:
+def bench_shape(name: str, device, dtype, warmup: int, iters: int, token_stride: int,
+                seqs: list[tuple[int, int]] | None = None, omissions=None) -> list[dict]:
     cfg = ModelConfig(**SHAPES[name], vocab_size=32000, name=name).validate()
     sat_cfg = SATConfig(align_mlp=128 if name != "tiny" else 32, token_stride=token_stride).validate()
     state = SATState(sat_cfg)
@@ -78,11 +83,11 @@ def bench_shape(name: str, device, dtype, warmup: int, iters: int, token_stride:
     layer = DecoderLayer(cfg, 0, state, state.comm).to(device=device, dtype=dtype)
     timer = Timer(device)
     rows = []
-    for seq, micro in SEQS[name]:
+    for seq, micro in seqs or SEQS[name]:
         x = torch.randn(micro, seq, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn_like(x)
         dense_ms = None
-        for attn, mlp in OMISSIONS:
+        for attn, mlp in omissions or OMISSIONS:
             state.set_step(1, 0, attn=attn, mlp=mlp)
 
             def step():
@@ -139,6 +144,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--token-stride", type=int, default=8)
+    p.add_argument("--seqs", nargs="+", metavar="SEQxMICRO",
+                   help="sequence settings, e.g. 512x1 (default: 4096x1 2048x4; tiny 128x2)")
+    p.add_argument("--omissions", nargs="+", metavar="ATTN,MLP",
+                   help="omission pairs besides 0,0 (default: 0.25,0.25 0.3,0.3 0.5,0.5 0,0.5)")
     p.add_argument("--out", help="write the JSON report here")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -146,6 +155,8 @@ def main(argv=None) -> int:
         print("error: --device cuda but CUDA is not available; use --device cpu --shapes tiny", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    seqs = [tuple(int(v) for v in x.split("x")) for x in a.seqs] if a.seqs else None
+    omissions = [(0.0, 0.0)] + [tuple(float(v) for v in o.split(",")) for o in a.omissions] if a.omissions else None
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"),
@@ -153,7 +164,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python", "tools/bench_sat.py", *(argv if argv is not None else sys.argv[1:])]),
         "torch": torch.__version__,
         "layer": [row for name in a.shapes for row in bench_shape(name, device, dtype, a.warmup, a.iters,
-                                                                   a.token_stride)],
+                                                                   a.token_stride, seqs, omissions)],
     }
     text = json.dumps(report, indent=2)
     if a.out:
