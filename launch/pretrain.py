@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the deepspeed launcher does not set it
     # Before torch is imported (it reads this once): CPU tensors of 2 MB and more get
     # transparent huge pages. Fresh large CPU allocations (gradients, optimizer temporaries)
-    # otherwise page-fault 4 KB at a time, which cost up to 40% of a ZeRO-3 step on CPU.
+    # otherwise page-fault 4 KB at a time: zero-filling a new 360 MB tensor took 0.28 s
+    # without and 0.07 s with, on the project's CPU machine.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     # Other packages' notices that a user cannot act on: DeepSpeed calls torch.distributed's
     # old collective names every step; megatron-core announces its fallbacks on import.
