@@ -16,7 +16,7 @@ import torch
 from sat_dist.config import ModelConfig, SATConfig
 from sat_dist.model.llama import LlamaModel
 from sat_dist.model.sat_state import SATState
-from sat_dist.model.sparse_ops import complement, kept_linear
+from sat_dist.model.sparse_ops import kept_linear, unit_positions
 
 CFG = ModelConfig(hidden_size=48, ffn_hidden_size=256, num_attention_heads=6, num_query_groups=2,
                   vocab_size=97, num_layers=2)
@@ -33,7 +33,7 @@ def test_kept_linear_equals_autograd_gather(kept_in, unit_rows):
     x = torch.randn(2, 5, rows.numel() if kept_in else h, requires_grad=True)
     g = torch.randn(2, 5, h if kept_in else rows.numel())
 
-    y = kept_linear(x, w, (idx, complement(idx, units)), unit_rows=unit_rows, kept_in=kept_in)
+    y = kept_linear(x, w, idx, unit_rows=unit_rows, kept_in=kept_in)
     y.backward(g)
     dx, dw = x.grad.clone(), w.grad.clone()
     x.grad = w.grad = None
@@ -48,10 +48,10 @@ def test_kept_linear_equals_autograd_gather(kept_in, unit_rows):
     assert torch.count_nonzero(dw[omitted_rows]) == 0
 
 
-def test_complement():
+def test_unit_positions():
     idx = torch.tensor([0, 3, 4, 8])
-    assert complement(idx, 10).sort().values.tolist() == [1, 2, 5, 6, 7, 9]
-    assert complement(torch.arange(5), 5).numel() == 0
+    assert unit_positions(idx, 10).tolist() == [0, 4, 4, 1, 2, 4, 4, 4, 3, 4]
+    assert unit_positions(torch.arange(5), 5).tolist() == [0, 1, 2, 3, 4]
 
 
 def _model(granularity, recompute=False, rates=(0.5, 0.5)):

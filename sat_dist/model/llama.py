@@ -111,8 +111,7 @@ class SATAttention(nn.Module):
             qkv = F.linear(x, self.qkv_weight)
         else:
             g = kept.numel()  # kept groups on this rank
-            units = (kept, self.sat.omitted_units(self.layer, "attn"))
-            qkv = kept_linear(x, self.qkv_weight, units, unit_rows=(r + 2) * d)
+            qkv = kept_linear(x, self.qkv_weight, kept, unit_rows=(r + 2) * d)
         qkv = qkv.view(b, s, g, r + 2, d)
         q = qkv[:, :, :, :r].reshape(b, s, g * r, d).transpose(1, 2)  # [b, g*r, s, d]
         k = qkv[:, :, :, r].transpose(1, 2)  # [b, g, s, d]
@@ -124,7 +123,7 @@ class SATAttention(nn.Module):
         if kept is None:
             y = torch.matmul(out, self.proj_weight)  # [b, s, h] partial over TP
         else:
-            y = kept_linear(out, self.proj_weight, units, unit_rows=r * d, kept_in=True)
+            y = kept_linear(out, self.proj_weight, kept, unit_rows=r * d, kept_in=True)
         return self.comm.reduce_from_tp(y)
 
 
@@ -148,11 +147,9 @@ class SATMLP(nn.Module):
         if kept is None:
             gate, up = F.linear(x, self.fc1_weight).chunk(2, dim=-1)  # [b, s, f] each
             return self.comm.reduce_from_tp(torch.matmul(F.silu(gate) * up, self.fc2_weight))
-        omitted = self.sat.omitted_units(self.layer, "mlp")
         # Channel j is row j (gate) and row f + j (up) of fc1: one product for both.
-        both = (torch.cat((kept, kept + self.f)), torch.cat((omitted, omitted + self.f)))
-        gate, up = kept_linear(x, self.fc1_weight, both).chunk(2, dim=-1)  # [b, s, k] each
-        y = kept_linear(F.silu(gate) * up, self.fc2_weight, (kept, omitted), kept_in=True)  # [b, s, h] partial
+        gate, up = kept_linear(x, self.fc1_weight, torch.cat((kept, kept + self.f))).chunk(2, dim=-1)  # [b, s, k]
+        y = kept_linear(F.silu(gate) * up, self.fc2_weight, kept, kept_in=True)  # [b, s, h] partial over TP
         return self.comm.reduce_from_tp(y)
 
 

@@ -17,7 +17,6 @@ from typing import Callable, Optional
 import torch
 
 from sat_dist.config import SATConfig
-from sat_dist.model.sparse_ops import complement
 from sat_dist.parallel.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.sat.selection import keep_count, select_units, selection_generator
 
@@ -37,7 +36,7 @@ class SATState:
         self.kept: dict[tuple[int, str], tuple[int, int]] = {}
         # (layer, kind) -> local indices kept at the last forward (None: all)
         self.selected: dict[tuple[int, str], Optional[torch.Tensor]] = {}
-        # (layer, kind) -> (selection key, kept indices, omitted indices)
+        # (layer, kind) -> (selection key, kept indices)
         self._made: dict[tuple[int, str], tuple] = {}
 
     def set_step(self, step: int, micro: int = 0, attn: float = 0.0, mlp: float = 0.0) -> None:
@@ -73,18 +72,8 @@ class SATState:
             gen = selection_generator(self.cfg.seed, self.step, micro, layer, self.comm.tp_rank, kind, device)
             scores = scores_fn(gen, self.cfg.token_stride)
             idx = select_units(scores, k, self.cfg.selection, self.cfg.temperature, gen)
-            made = self._made[(layer, kind)] = (key, idx, complement(idx, n_local))
+            made = self._made[(layer, kind)] = (key, idx)
         return self._record(layer, kind, made[1], k, n_local)
-
-    def omitted_units(self, layer: int, kind: str) -> Optional[torch.Tensor]:
-        """Local indices omitted at the last `kept_units` call of (layer, kind)."""
-        idx = self.selected.get((layer, kind))
-        if idx is None:
-            return None
-        made = self._made.get((layer, kind))
-        if made is not None and made[1] is idx:
-            return made[2]
-        return complement(idx, self.kept[(layer, kind)][1])  # forced selections
 
     def _record(self, layer: int, kind: str, idx, k: int, n_local: int):
         self.kept[(layer, kind)] = (k, n_local)

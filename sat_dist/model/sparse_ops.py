@@ -12,8 +12,8 @@ Why a custom autograd function rather than index_select + matmul under autograd:
   gathers again from the parameter DeepSpeed has just re-fetched;
 - autograd's index_select backward zero-fills a full-size gradient and then scatters into
   it (on CPU the zero fill of freshly mapped pages cost as much as a fifth of a sparse
-  layer's fwd+bwd). Here the kept rows are copied in and only the omitted rows are zeroed,
-  so every byte of the full gradient is written once.
+  layer's fwd+bwd). Here one row gather from the kept gradient plus a zero block builds
+  the full gradient, writing every byte once.
 """
 
 from __future__ import annotations
@@ -27,28 +27,41 @@ def _gather(weight: torch.Tensor, idx: torch.Tensor, unit_rows: int) -> torch.Te
     return weight.view(-1, unit_rows * h).index_select(0, idx).view(-1, h)
 
 
-def _scatter(grad_kept: torch.Tensor, idx: torch.Tensor, omitted: torch.Tensor, unit_rows: int,
-             shape: torch.Size) -> torch.Tensor:
-    """Full-size weight gradient: kept blocks from `grad_kept`, omitted blocks exactly 0."""
-    full = grad_kept.new_empty(shape)
-    units = full.view(-1, unit_rows * shape[-1])
-    units.index_copy_(0, idx, grad_kept.reshape(idx.numel(), -1))
-    units.index_fill_(0, omitted, 0.0)
-    return full
+def unit_positions(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """[n]: the position of each unit in `idx` (unique), or len(idx) for omitted units.
+    No host sync."""
+    k = idx.numel()
+    pos = torch.full((n,), k, dtype=torch.long, device=idx.device)
+    return pos.index_copy_(0, idx, torch.arange(k, device=idx.device))
+
+
+def _weight_grad(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, unit_rows: int,
+                 shape: torch.Size) -> torch.Tensor:
+    """Full-size weight gradient whose kept blocks are a @ b ([k*unit_rows, h]) and whose
+    omitted blocks are exactly 0. The product is written into a buffer with one extra zero
+    block, and one block gather (a memcpy per block) builds the full gradient, writing each
+    byte once. CPU's index_copy_ copies element by element: in one 7B-width layer fwd+bwd at
+    omission 0.5, index_copy_ + index_fill_ of the four weights took 0.81 s, this about 0.48 s."""
+    k, h = idx.numel(), shape[-1]
+    buf = torch.empty(((k + 1) * unit_rows, h), dtype=a.dtype, device=a.device)
+    torch.mm(a, b, out=buf[: k * unit_rows])
+    buf[k * unit_rows:].zero_()
+    blocks = buf.view(k + 1, unit_rows * h)
+    return blocks.index_select(0, unit_positions(idx, shape[0] // unit_rows)).view(shape)
 
 
 class _KeptLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, idx, omitted, unit_rows: int, kept_in: bool):
+    def forward(ctx, x, weight, idx, unit_rows: int, kept_in: bool):
         w = _gather(weight, idx, unit_rows)  # [k*unit_rows, h]
-        ctx.save_for_backward(x, weight, idx, omitted)
+        ctx.save_for_backward(x, weight, idx)
         ctx.unit_rows, ctx.kept_in = unit_rows, kept_in
         # kept_in: the kept rows are the product's INPUT features (W_down^T, W_o^T layouts)
         return torch.matmul(x, w) if kept_in else torch.matmul(x, w.t())
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, idx, omitted = ctx.saved_tensors
+        x, weight, idx = ctx.saved_tensors
         w = _gather(weight, idx, ctx.unit_rows)  # re-gathered: nothing was kept from forward
         x2 = x.reshape(-1, x.shape[-1])
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
@@ -57,28 +70,21 @@ class _KeptLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = torch.matmul(grad_y, w.t())
             if ctx.needs_input_grad[1]:
-                grad_w = _scatter(x2.t() @ g2, idx, omitted, ctx.unit_rows, weight.shape)
+                grad_w = _weight_grad(x2.t(), g2, idx, ctx.unit_rows, weight.shape)
         else:  # y = x @ w^T, w [k, h_in]
             if ctx.needs_input_grad[0]:
                 grad_x = torch.matmul(grad_y, w)
             if ctx.needs_input_grad[1]:
-                grad_w = _scatter(g2.t() @ x2, idx, omitted, ctx.unit_rows, weight.shape)
-        return grad_x, grad_w, None, None, None, None
+                grad_w = _weight_grad(g2.t(), x2, idx, ctx.unit_rows, weight.shape)
+        return grad_x, grad_w, None, None, None
 
 
-def complement(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """The indices in [0, n) that are not in `idx` (unique), without a host sync."""
-    mask = torch.ones(n, dtype=torch.int8, device=idx.device).index_fill_(0, idx, 0)
-    return torch.argsort(mask, descending=True, stable=True)[: n - idx.numel()]
-
-
-def kept_linear(x: torch.Tensor, weight: torch.Tensor, kept, unit_rows: int = 1,
+def kept_linear(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, unit_rows: int = 1,
                 kept_in: bool = False) -> torch.Tensor:
     """x @ W_kept^T (kept_in=False: kept units are output features) or x @ W_kept
     (kept_in=True: kept units are input features, x holds only their columns).
 
-    kept: (idx, omitted) unit indices of `weight` viewed as [units, unit_rows, h]; omitted
+    idx: kept unit indices (unique) of `weight` viewed as [units, unit_rows, h]; omitted
     units get exactly zero gradient.
     """
-    idx, omitted = kept
-    return _KeptLinear.apply(x, weight, idx, omitted, unit_rows, kept_in)
+    return _KeptLinear.apply(x, weight, idx, unit_rows, kept_in)
