@@ -5,7 +5,8 @@
   python tools/bench_sat.py --device cpu --shapes tiny --dtype fp32   # a smoke run anywhere
 
 For each shape, sequence setting and (attn, mlp) omission pair it reports the median time
-of a layer's fwd+bwd (selection and scoring included), the speedup over omission (0, 0),
+of a layer's fwd+bwd (selection and scoring included; settings alternate within every
+round), the speedup over omission (0, 0),
 the FLOP-ideal speedup (dense layer FLOPs / executed FLOPs) and their ratio; and the share
 of the step that scoring + selection take. A benchmark, not a test: numbers go to
 docs/PERFORMANCE.md with the device, date, commit and command.
@@ -83,23 +84,30 @@ def bench_shape(name: str, device, dtype, warmup: int, iters: int, token_stride:
     layer = DecoderLayer(cfg, 0, state, state.comm).to(device=device, dtype=dtype)
     timer = Timer(device)
     rows = []
+    settings = omissions or OMISSIONS
     for seq, micro in seqs or SEQS[name]:
         x = torch.randn(micro, seq, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn_like(x)
-        dense_ms = None
-        for attn, mlp in omissions or OMISSIONS:
-            state.set_step(1, 0, attn=attn, mlp=mlp)
 
-            def step():
-                # A new optimizer step each time: selections are reused within a step, and a
-                # training step scores and selects once.
-                state.set_step(state.step + 1, 0, attn=attn, mlp=mlp)
-                layer.zero_grad(set_to_none=True)
-                layer(x).backward(grad)
+        def step(attn, mlp):
+            # A new optimizer step each time: selections are reused within a step, and a
+            # training step scores and selects once.
+            state.set_step(state.step + 1, 0, attn=attn, mlp=mlp)
+            layer.zero_grad(set_to_none=True)
+            layer(x).backward(grad)
 
-            ms = timer(step, warmup, iters)
-            if (attn, mlp) == (0.0, 0.0):
-                dense_ms = ms
+        # Settings alternate within every round (order reversed every other round), so that
+        # the ratios are taken side by side under the same machine load.
+        times = {s: [] for s in settings}
+        for rnd in range(warmup + iters):
+            for attn, mlp in (settings if rnd % 2 == 0 else list(reversed(settings))):
+                ms = timer(lambda: step(attn, mlp), 0, 1)
+                if rnd >= warmup:
+                    times[(attn, mlp)].append(ms)
+        dense_ms = statistics.median(times[(0.0, 0.0)])
+        for attn, mlp in settings:
+            ms = statistics.median(times[(attn, mlp)])
+            state.set_step(state.step + 1, 0, attn=attn, mlp=mlp)
             layer(x)  # record the kept counts of this setting
             ka, na = state.kept[(0, "attn")]
             km, nm = state.kept[(0, "mlp")]
@@ -109,6 +117,7 @@ def bench_shape(name: str, device, dtype, warmup: int, iters: int, token_stride:
             select_ms = _selection_ms(layer, state, x, timer, warmup, iters) if (attn, mlp) != (0.0, 0.0) else 0.0
             rows.append({"shape": name, "seq": seq, "micro_batch": micro, "omission_attn": attn,
                          "omission_mlp": mlp, "kept_attn": ka, "kept_mlp": km, "ms": round(ms, 3),
+                         "ms_min_max": [round(min(times[(attn, mlp)]), 3), round(max(times[(attn, mlp)]), 3)],
                          "speedup": round(speedup, 3), "flop_ideal_speedup": round(ideal, 3),
                          "fraction_of_ideal": round(speedup / ideal, 3),
                          "scoring_selection_ms": round(select_ms, 3),
