@@ -4,8 +4,8 @@
   and gradients, with omitted units' gradient exactly zero; and it saves no gathered copy
   of a weight for backward.
 - granularity "step": one scoring per layer and kind per optimizer step, reused by every
-  micro-batch and by activation recompute; gradients over two micro-batches equal one
-  forward of both samples with that selection forced.
+  micro-batch and by activation recompute; gradients accumulated over two micro-batches
+  equal one forward of both samples as one batch with that selection forced.
 - granularity "micro-batch": a fresh selection per micro-batch, and recompute still
   re-uses the forward's selection (no second scoring).
 """
@@ -94,13 +94,16 @@ def test_step_granularity_selects_once_and_equals_forced_reference():
     assert all(micro == 0 for _, micro, _, _ in calls)
     for key in selections[0]:
         assert torch.equal(selections[0][key], selections[1][key])
-    # Reference: the same selection forced (no scoring at all), both micro-batches again.
+    # Reference: ONE forward of both samples as a batch of 2, that selection forced (no
+    # scoring, no accumulation); two micro-batch means sum to twice the batch mean.
     ref_model, ref_sat, ref_calls = _model("step")
     ref_sat.forced = {k: v for k, v in selections[0].items()}
-    ref_grads, _ = _accumulate(ref_model, ref_sat, batches, step=5)
+    ref_sat.set_step(5, 0, 0.5, 0.5)
+    both = torch.cat(batches)
+    (2 * ref_model(both[:, :-1], both[:, 1:]).mean()).backward()
     assert not ref_calls
-    for n in grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-6, atol=1e-7)
+    for n, p in ref_model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
     # The next step selects afresh.
     _accumulate(model, sat, batches, step=6)
     assert len(calls) == 4 * CFG.num_layers

@@ -356,9 +356,8 @@ class CommTimer:
 
             group = kwargs.get("group")
             t0 = time.perf_counter()
-            kwargs_async = kwargs.get("async_op", False)
             work = fn(*args, **kwargs)
-            if kwargs_async and work is not None:
+            if kwargs.get("async_op", False) and work is not None:
                 work.wait()
             if dist.get_backend() == "nccl":
                 import torch
@@ -374,12 +373,12 @@ class CommTimer:
         import torch.distributed.distributed_c10d as c10d
 
         self.totals = {}
-        targets = [dist, c10d]
         try:
+            # DeepSpeed's backend keeps its own references to the all-gather and
+            # reduce-scatter functions; the module attributes below do not reach those.
             from deepspeed.comm import comm as ds_comm
 
             if ds_comm.cdb is not None:
-                targets.append(ds_comm.cdb)
                 for attr in ("all_gather_function", "reduce_scatter_function"):
                     fn = getattr(ds_comm.cdb, attr, None)
                     if fn is not None:
