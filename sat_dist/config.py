@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sat_dist.errors import SatDistError, fail_field
 
-METRICS = ("maxip", "wanda", "magnitude", "random")
+METRICS = ("maxip", "wanda", "magnitude", "random", "activation")
 SELECTIONS = ("sampling", "topk")
 SCHEDULES = ("ladder", "constant", "dense")
 GRANULARITIES = ("step", "micro-batch")

@@ -219,7 +219,7 @@ def _planted_mlp():
     return x, fc1, fc2
 
 
-@pytest.mark.parametrize("metric", ["maxip", "wanda", "magnitude"])
+@pytest.mark.parametrize("metric", ["maxip", "wanda", "magnitude", "activation"])
 def test_mlp_metric_ranks_planted_first(metric):
     x, fc1, fc2 = _planted_mlp()
     s = mlp_scores(metric, x, fc1, fc2)
@@ -235,12 +235,20 @@ def test_mlp_metrics_equal_hand_computation():
     torch.testing.assert_close(mlp_scores("maxip", x, fc1, fc2), torch.tensor(maxip), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mlp_scores("wanda", x, fc1, fc2), torch.tensor(wanda), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mlp_scores("magnitude", x, fc1, fc2), torch.tensor(mag), rtol=1e-5, atol=1e-6)
+    # activation: the norm over tokens of channel j's contribution a_j(t) * W_down[:, j]
+    silu = lambda z: z / (1.0 + math.exp(-z))  # noqa: E731
+    act = [math.sqrt(sum((silu(float(x[t] @ fc1[j])) * float(x[t] @ fc1[F + j])) ** 2 for t in range(40)))
+           * math.sqrt(float(fc2[j].pow(2).sum())) for j in range(F)]
+    torch.testing.assert_close(mlp_scores("activation", x, fc1, fc2), torch.tensor(act), rtol=1e-5, atol=1e-6)
+    contrib = [float(torch.stack([silu(float(x[t] @ fc1[j])) * float(x[t] @ fc1[F + j]) * fc2[j]
+                                  for t in range(40)]).norm()) for j in range(F)]
+    torch.testing.assert_close(mlp_scores("activation", x, fc1, fc2), torch.tensor(contrib), rtol=1e-4, atol=1e-6)
     # token_stride scores every 4th token only
     strided = [max(abs(float(x[t] @ fc1[j])) for t in range(0, 40, 4)) for j in range(F)]
     torch.testing.assert_close(mlp_scores("maxip", x, fc1, fc2, token_stride=4), torch.tensor(strided), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("metric", ["maxip", "wanda", "magnitude"])
+@pytest.mark.parametrize("metric", ["maxip", "wanda", "magnitude", "activation"])
 @pytest.mark.parametrize("groups,heads", [(4, 4), (2, 6)], ids=["mha", "gqa"])
 def test_attention_metric_ranks_planted_first(metric, groups, heads):
     cfg = ModelConfig(hidden_size=24, num_attention_heads=heads, num_query_groups=groups).validate()
@@ -257,6 +265,11 @@ def test_attention_metric_ranks_planted_first(metric, groups, heads):
     if metric == "maxip":  # hand computation: max over tokens of the group's query norm
         hand = [max(float((x[t] @ qkv[u, : r * d].t()).norm()) for t in range(30)) for u in range(groups)]
         torch.testing.assert_close(s, torch.tensor(hand), rtol=1e-5, atol=1e-6)
+    if metric == "activation":  # hand: L2 norm over tokens of the group's values times ||W_o,g||
+        wo = o.view(groups, r * d, h)
+        hand = [math.sqrt(sum(float((x[t] @ qkv[u, (r + 1) * d:].t()).pow(2).sum()) for t in range(30)))
+                * float(wo[u].norm()) for u in range(groups)]
+        torch.testing.assert_close(s, torch.tensor(hand), rtol=1e-5, atol=1e-6)
 
 
 def test_random_metric_is_seeded():
@@ -270,7 +283,7 @@ def test_reduce_is_applied_to_the_right_statistic():
     """Two halves of a batch, combined by the reduce hook, score like the whole batch."""
     x, fc1, fc2 = _planted_mlp()
     halves = (x[:20], x[20:])
-    for metric, op in (("maxip", "max"), ("wanda", "sum")):
+    for metric, op in (("maxip", "max"), ("wanda", "sum"), ("activation", "sum")):
         partials = []
 
         def capture(t, o, _p=partials):

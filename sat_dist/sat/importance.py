@@ -11,6 +11,7 @@ Weights are passed in the model's row-gathered layouts (see sat_dist/model/llama
 "max"; identity in one process). Each metric reduces the statistic that makes the result
 exactly what one process would compute on the whole global micro-batch:
   maxip: max over tokens (reduce max);  wanda: per-feature sum of squares (reduce sum);
+  activation: per-unit sum of squares of its activation over tokens (reduce sum);
   magnitude: weights only, identical on every replica (no reduce);
   random: drawn from the seeded generator, identical on every replica (no reduce).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 
@@ -60,6 +62,13 @@ def mlp_scores(metric: str, x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tenso
         norms = _feature_norms(xs, reduce)  # [h]
         w = fc1.float().abs()
         return w[:n] @ norms + w[n:] @ norms
+    if metric == "activation":
+        # Channel j adds a_j(t) * W_down[:, j] to the output, a_j = silu(x.w_gate_j) * (x.w_up_j),
+        # so ||a_j|| over tokens times ||W_down[:, j]|| is the norm of exactly what omitting
+        # j removes. maxip sees only the gate's pre-activation.
+        xs = xs.float()
+        a = F.silu(xs @ fc1[:n].float().t()) * (xs @ fc1[n:].float().t())  # [tokens, n]
+        return reduce(a.pow(2).sum(0), "sum").sqrt() * fc2.float().norm(dim=1)
     raise ValueError(f"unknown importance metric {metric!r}")
 
 
@@ -88,4 +97,12 @@ def attention_scores(metric: str, x: torch.Tensor, qkv: torch.Tensor, o: torch.T
     if metric == "wanda":
         norms = _feature_norms(xs, reduce)  # [h]
         return groups.float().abs().sum(1) @ norms
+    if metric == "activation":
+        # A group's output is W_o,g times a convex mix (softmax weights) of its values, so
+        # ||v_g|| over tokens times ||W_o,g|| bounds what omitting it removes; the exact
+        # output would need every token's keys and values, i.e. the dense cost.
+        wv = groups[:, (r + 1) * d:].reshape(G * d, h)
+        v = (xs.float() @ wv.float().t()).view(-1, G, d)  # [tokens, G, d]
+        w_out = o.view(G, r * d, h).float().pow(2).sum((1, 2)).sqrt()
+        return reduce(v.pow(2).sum((0, 2)), "sum").sqrt() * w_out
     raise ValueError(f"unknown importance metric {metric!r}")

@@ -95,6 +95,9 @@ class TrainConfig:
     """Stop after this many non-finite (NaN/Inf) steps in a row; each one is skipped."""
     exit_interval: int = 0
     """Stop (after saving) at this iteration; 0: run to train_iters. For tests and tooling."""
+    skip_train: bool = False
+    """Only evaluate the validation sets (of the loaded or imported model) and exit: no
+    training step, nothing saved (Megatron's --skip-train)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--hf-checkpoint", default=t.hf_checkpoint)
     a("--max-nonfinite-steps", type=int, default=t.max_nonfinite_steps)
     a("--exit-interval", type=int, default=t.exit_interval)
+    a("--skip-train", action="store_true", default=t.skip_train)
     a("--ds_config", "--deepspeed_config", "--ds-config", dest="ds_config", default=t.ds_config)
     a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
     a("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # accepted for compatibility
@@ -318,6 +322,9 @@ def _validate_train(t: TrainConfig) -> None:
             raise SatDistError(f"--{name.replace('_', '-')}: got {v}; allowed: a number in [0, 1)")
     if t.data_path is not None and t.tokenizer_model is None:
         raise SatDistError("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
+    if t.skip_train and not t.valid_data_path and not t.data_path:
+        raise SatDistError("--skip-train evaluates the validation sets: give --valid-data-path (or --data-path "
+                           "with a validation share in --split)")
     if t.valid_data_path:
         valid_data_sets(t.valid_data_path)
         if t.data_path is None:

@@ -156,6 +156,15 @@ class Trainer:
         self.tb = TensorBoardLog(t.tensorboard_dir, self.rank0)
         if self.rank0:
             self._describe()
+        if t.skip_train:
+            if not self.valid_sets:
+                raise SatDistError("--skip-train: no validation set to evaluate (the --split gives the "
+                                   "validation share 0); give --valid-data-path or a nonzero share")
+            try:
+                self._validate()
+            finally:
+                self.tb.close()
+            return p
         preemption = PreemptionFlag.install()
         self._interval_start = time.perf_counter()
         try:
@@ -164,10 +173,13 @@ class Trainer:
                 preempted = self._step(preemption)
                 if p.iteration == self.last:
                     break
+                paused = time.perf_counter()
                 if self.valid_sets and t.eval_interval and p.iteration % t.eval_interval == 0:
                     self._validate()
                 if t.save_interval and p.iteration % t.save_interval == 0:
                     self._save()
+                # iteration-time measures training steps only, not evaluation or saving.
+                self._interval_start += time.perf_counter() - paused
             if preempted and p.iteration < self.last:
                 self._save()
                 if self.rank0:

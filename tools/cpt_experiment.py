@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Run the arms of the dense-vs-SAT continual pre-training experiment (docs/EXPERIMENTS.md).
+
+Every arm continues SmolLM2-135M (made by tools/setup_cpt_experiment.py) on the new domain
+with the same initial weights, seed, data order, batch and LR schedule; only the SAT flags
+differ (and, for the equal-wall-clock arm, the number of steps). Both held-out sets are
+logged during training as named validation sets (`lm loss validation/new`, `.../old`), on
+the same held-out samples in every arm.
+
+    python tools/cpt_experiment.py list
+    python tools/cpt_experiment.py run dense sat-default ...   # in order; resumable
+    python tools/cpt_experiment.py run --all
+
+An arm writes OUT/runs/ARM/{train.log, tensorboard/, checkpoints/} and, when it has
+finished, OUT/runs/ARM/done. Running an arm again resumes from its last checkpoint (runs
+may span sessions); a finished arm is skipped. Plot and table: tools/plot_runs.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# 40 steps x 4 x 512 tokens = 81,920 tokens (2.5% of new_train): a dense arm takes about
+# 15 minutes on 2 CPU cores.
+ITERS = 40
+COMMON = [
+    "--ds_config", "configs/ds_zero3.json",
+    "--seq-length", "512", "--micro-batch-size", "4", "--global-batch-size", "4",
+    "--lr", "1e-4", "--min-lr", "1e-5", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
+    "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", "1234",
+    "--eval-interval", "10", "--eval-iters", "8", "--log-interval", "1", "--save-interval", "10",
+]
+
+SAT = ["--sat-schedule", "ladder"]
+# name -> (what it tests, extra flags). Flags not given take the project's defaults.
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "base": ("the starting model, evaluated only (--skip-train): the curves' point at 0 tokens",
+             ["--skip-train", "--sat-schedule", "dense"]),
+    "dense": ("dense continual pre-training (SAT off)", ["--sat-schedule", "dense"]),
+    "sat-paper": ("the paper's reading before this experiment: maxip, sampling T=0.05, "
+                  "omission 0.3/0.3, ladder 0.6/3 rungs/0.1",
+                  SAT + ["--sat-metric", "maxip", "--sat-selection", "sampling",
+                         "--sat-omission-attn", "0.3", "--sat-omission-mlp", "0.3"]),
+    "mlp-only": ("as sat-paper, attention dense",
+                 SAT + ["--sat-metric", "maxip", "--sat-selection", "sampling",
+                        "--sat-omission-attn", "0", "--sat-omission-mlp", "0.3"]),
+    "mlp-only-topk": ("as mlp-only, top-k selection",
+                      SAT + ["--sat-metric", "maxip", "--sat-selection", "topk",
+                             "--sat-omission-attn", "0", "--sat-omission-mlp", "0.3"]),
+    "mlp-act": ("MLP only, activation metric, top-k, omission 0.3",
+                SAT + ["--sat-metric", "activation", "--sat-selection", "topk",
+                       "--sat-omission-attn", "0", "--sat-omission-mlp", "0.3"]),
+    "mlp-act-0.2": ("MLP only, activation metric, top-k, omission 0.2",
+                    SAT + ["--sat-metric", "activation", "--sat-selection", "topk",
+                           "--sat-omission-attn", "0", "--sat-omission-mlp", "0.2"]),
+    "mlp-act-long-dense": ("as mlp-act, 4 more rungs-worth of dense end: sparse 0.4, 4 rungs, dense 0.3",
+                           SAT + ["--sat-metric", "activation", "--sat-selection", "topk",
+                                  "--sat-omission-attn", "0", "--sat-omission-mlp", "0.3",
+                                  "--sat-sparse-fraction", "0.4", "--sat-ladder-steps", "4",
+                                  "--sat-dense-fraction", "0.3"]),
+    "mlp-act-stride1": ("as mlp-act, scores from every token (--sat-token-stride 1)",
+                        SAT + ["--sat-metric", "activation", "--sat-selection", "topk",
+                               "--sat-omission-attn", "0", "--sat-omission-mlp", "0.3",
+                               "--sat-token-stride", "1"]),
+    "mlp-act-micro": ("as mlp-act, selection per micro-batch (micro-batch 1, 4 per step)",
+                      SAT + ["--sat-metric", "activation", "--sat-selection", "topk",
+                             "--sat-omission-attn", "0", "--sat-omission-mlp", "0.3",
+                             "--sat-granularity", "micro-batch", "--micro-batch-size", "1"]),
+}
+
+
+def arm_dir(out: Path, arm: str) -> Path:
+    return out / "runs" / arm
+
+
+def command(out: Path, arm: str, iters: int) -> list[str]:
+    _, flags = ARMS[arm] if arm in ARMS else ARMS[arm.split("@")[0]]
+    d = arm_dir(out, arm)
+    data = out / "data"
+    model = out / "smollm2-135m"
+    return [sys.executable, str(ROOT / "launch" / "pretrain.py"), *COMMON,
+            "--hf-checkpoint", str(model), "--tokenizer-model", str(model / "tokenizer.json"),
+            "--data-path", str(data / "new_train"), "--split", "100,0,0",
+            "--valid-data-path", f"new={data / 'new_heldout'}", f"old={data / 'old_heldout'}",
+            "--train-iters", str(iters), *flags,
+            "--tensorboard-dir", str(d / "tensorboard"),
+            *([] if "--skip-train" in flags else ["--save", str(d / "checkpoints")]),
+            # resume where a previous session stopped
+            *(["--load", str(d / "checkpoints")] if (d / "checkpoints").is_dir() else [])]
+
+
+def run_arm(out: Path, arm: str, iters: int) -> int:
+    d = arm_dir(out, arm)
+    if (d / "done").exists():
+        print(f"[{arm}] finished before: skipped ({d / 'done'})", flush=True)
+        return 0
+    d.mkdir(parents=True, exist_ok=True)
+    cmd = command(out, arm, iters)
+    # One process on all cores: torch's intra-op threads (launch/pretrain.py defaults to 1).
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29531"),
+               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    print(f"[{arm}] {time.strftime('%H:%M:%S')} {' '.join(cmd)}", flush=True)
+    with open(d / "train.log", "a") as log:
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if rc == 0:
+        (d / "done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    print(f"[{arm}] {time.strftime('%H:%M:%S')} exit {rc}", flush=True)
+    return rc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["list", "run"])
+    p.add_argument("arms", nargs="*",
+                   help="arm names; NAME@STEPS runs arm NAME for STEPS steps (the equal-wall-clock arm)")
+    p.add_argument("--all", action="store_true", help="run every arm, in the listed order")
+    p.add_argument("--out", default="runs/cpt_setup", help="the set-up folder (default runs/cpt_setup)")
+    a = p.parse_args(argv)
+    out = (ROOT / a.out).resolve() if not Path(a.out).is_absolute() else Path(a.out)
+    if a.action == "list":
+        for name, (what, flags) in ARMS.items():
+            print(f"{name:20s} {what}\n{'':20s} {' '.join(flags)}")
+        return 0
+    arms = list(ARMS) if a.all else a.arms
+    if not arms:
+        p.error("name the arms to run, or --all")
+    for arm in arms:
+        if arm.split("@")[0] not in ARMS:
+            p.error(f"unknown arm {arm!r}; `list` shows them")
+    if not (out / "smollm2-135m" / "config.json").exists():
+        p.error(f"{out}/smollm2-135m not found: run tools/setup_cpt_experiment.py --out {a.out} first")
+    failed = 0
+    for arm in arms:
+        iters = int(arm.split("@")[1]) if "@" in arm else ITERS
+        failed += run_arm(out, arm, iters) != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
