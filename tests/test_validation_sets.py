@@ -81,7 +81,7 @@ def run(corpus, hf_init, tmp_path_factory):
                               "tensorboard-dir": d / "tb"})
     flags += ["--valid-data-path", f"small={prefixes['small']}", f"prose={prefixes['prose']}", prefixes["small"]]
     r = torchrun(2, flags)
-    return {"tb": d / "tb", "out": r.stdout, "sets": sets}
+    return {"tb": d / "tb", "out": r.stdout, "sets": sets, "prefixes": prefixes, "dir": d}
 
 
 def _hf_mean_loss(hf_init, tokens: list[int]) -> float:
@@ -144,3 +144,17 @@ def test_executed_flops_sum_the_intervals_steps(run):
         # dense: applying its fractions to the interval would give 1.)
         assert executed[last] / model[last] == pytest.approx(want, rel=1e-5), last
     assert executed[6] / model[6] < 0.99
+
+
+def test_skip_train_evaluates_the_imported_model_only(run, corpus, hf_init):
+    """--skip-train (Megatron's flag): the validation sets of the starting model at
+    iteration 0, no training step, nothing saved."""
+    d = run["dir"] / "skip"
+    flags = _flags(corpus, **{"hf-checkpoint": hf_init, "model-config": None, "tensorboard-dir": d / "tb",
+                              "save": d / "ckpt"})
+    r = torchrun(1, flags + ["--skip-train", "--valid-data-path", f"prose={run['prefixes']['prose']}"])
+    loss = scalars(d / "tb", "lm loss validation/prose")
+    assert list(loss) == [0]
+    assert loss[0] == pytest.approx(_hf_mean_loss(hf_init, run["sets"]["prose"]), abs=2e-5)
+    assert " iteration " not in r.stdout and "saved checkpoint" not in r.stdout
+    assert not (d / "ckpt").exists() or not any((d / "ckpt").iterdir())

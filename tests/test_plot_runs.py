@@ -1,0 +1,64 @@
+"""tools/plot_runs.py against TensorBoard logs written here with known values: the table's
+numbers are computed by hand below, and the PNG is a real image."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "plot_runs.py"
+
+pytest.importorskip("matplotlib")
+
+
+def _write(run: Path, scalars: dict[str, dict[int, float]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(run / "tensorboard"))
+    for tag, pts in scalars.items():
+        for step, v in pts.items():
+            w.add_scalar(tag, v, step)
+    w.close()
+
+
+def _run_logs(step_time: float, valid: dict[int, tuple[float, float]], iters: int, tokens_per_step: int):
+    s = {"iteration-time": {i: step_time for i in range(1, iters + 1)},
+         "throughput/tokens-per-sec": {i: tokens_per_step / step_time for i in range(1, iters + 1)},
+         "lm loss validation/new": {i: v[0] for i, v in valid.items()},
+         "lm loss validation/old": {i: v[1] for i, v in valid.items()}}
+    return s
+
+
+def test_table_and_png(tmp_path):
+    _write(tmp_path / "base", {"lm loss validation/new": {0: 2.5}, "lm loss validation/old": {0: 3.5}})
+    _write(tmp_path / "dense", _run_logs(10.0, {2: (2.2, 3.4), 4: (2.0, 3.45)}, 4, 2048))
+    _write(tmp_path / "sat", _run_logs(8.0, {2: (2.3, 3.5), 4: (2.1, 3.5)}, 4, 2048))
+    out = tmp_path / "plot.png"
+    r = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "dense"), str(tmp_path / "sat"),
+                        "--base", str(tmp_path / "base"), "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    # columns: steps, tokens, new loss, new ppl, new vs dense, old loss, old ppl, old vs dense,
+    # training time, mean step, time vs dense
+    sat = rows["sat"]
+    assert sat[0] == "4" and sat[1] == "8,192"
+    assert sat[2] == "2.1000" and sat[3] == f"{math.exp(2.1):.3f}"
+    assert sat[4] == f"{math.exp(2.1) / math.exp(2.0) - 1:+.1%}"  # +10.5%
+    assert sat[7] == f"{math.exp(3.5) / math.exp(3.45) - 1:+.1%}"
+    assert sat[8] == "32" and sat[9] == "8.00" and sat[10] == "0.800"
+    assert rows["dense"][4] == "+0.0%" and rows["dense"][8] == "40"
+    assert rows["base (start)"][2] == "2.5000" and rows["base (start)"][4] == f"{math.exp(0.5) - 1:+.1%}"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_run_without_validation_sets_is_one_clear_error(tmp_path):
+    _write(tmp_path / "dense", {"iteration-time": {1: 1.0}, "lm loss": {1: 2.0}})
+    r = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "dense"), "--out", str(tmp_path / "p.png")],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode != 0 and "--valid-data-path NAME=PREFIX" in r.stderr
+    assert not (tmp_path / "p.png").exists()

@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Held-out loss of several training runs against tokens and against training time, from
+their TensorBoard logs: a PNG plot and a Markdown table.
+
+    python tools/plot_runs.py RUN_DIR [RUN_DIR ...] --out plot.png [--base BASE_DIR]
+        [--sets new old] [--reference dense]
+
+A RUN_DIR holds `tensorboard/` (as written by launch/pretrain.py with --tensorboard-dir),
+or is that folder itself; its name labels the run. Read per run:
+  - `lm loss validation/NAME` for every NAME in --sets (the named --valid-data-path sets),
+    at the iterations they were evaluated;
+  - `iteration-time` (seconds per training step, averaged over each log interval; it
+    excludes evaluation and checkpoint saving) and `throughput/tokens-per-sec`, from which
+    the cumulative training time and the tokens of each iteration follow (tokens per
+    iteration = tokens-per-sec x iteration-time, i.e. global batch x sequence length).
+--base names a run made with --skip-train (the starting model): its values are drawn as
+every curve's point at 0 tokens and 0 s. The table gives, per run, the last evaluation of
+every set, its perplexity, the difference to --reference in perplexity, the training time
+and the mean step time, and each run's speed relative to the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+
+def read_scalars(run: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} from every event file under run (the last write of a step wins)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = run / "tensorboard" if (run / "tensorboard").is_dir() else run
+    files = sorted(tb.rglob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        raise SystemExit(f"error: {run}: no TensorBoard event files (expected {tb}/events.out.tfevents.*)")
+    out: dict[str, dict[int, float]] = {}
+    for f in files:  # a resumed run appends a new file; later files override earlier steps
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+class Run:
+    def __init__(self, path: Path, sets: list[str]):
+        self.name = path.name if path.name != "tensorboard" else path.parent.name
+        s = read_scalars(path)
+        self.valid = {name: dict(sorted(s.get(f"lm loss validation/{name}", {}).items())) for name in sets}
+        times = dict(sorted(s.get("iteration-time", {}).items()))
+        tps = s.get("throughput/tokens-per-sec", {})
+        # cumulative training seconds and tokens at every logged iteration
+        self.seconds, self.tokens, self.step_time = {0: 0.0}, {0: 0.0}, times
+        last, secs, toks = 0, 0.0, 0.0
+        for it, dt in times.items():
+            steps = it - last
+            secs += dt * steps
+            toks += tps.get(it, 0.0) * dt * steps
+            self.seconds[it], self.tokens[it] = secs, toks
+            last = it
+        self.tokens_per_iter = toks / last if last else 0.0
+
+    def at(self, table: dict[int, float], it: int) -> float:
+        """Value of a cumulative table at iteration it (the last logged one at or before it,
+        extrapolated by the mean step for iterations after it)."""
+        if it in table:
+            return table[it]
+        before = [k for k in table if k <= it]
+        k = max(before) if before else 0
+        per = table[max(table)] / max(table) if max(table) else 0.0
+        return table[k] + per * (it - k)
+
+    def curve(self, name: str, base: float | None, x: str) -> tuple[list[float], list[float]]:
+        pts = self.valid[name]
+        xs = [self.at(self.tokens if x == "tokens" else self.seconds, it) for it in pts]
+        ys = list(pts.values())
+        if base is not None:
+            xs, ys = [0.0] + xs, [base] + ys
+        return xs, ys
+
+    def final(self, name: str) -> float | None:
+        pts = self.valid[name]
+        return pts[max(pts)] if pts else None
+
+    @property
+    def train_seconds(self) -> float:
+        return self.seconds[max(self.seconds)]
+
+    @property
+    def iterations(self) -> int:
+        return max(self.seconds)
+
+
+def table(runs: list[Run], sets: list[str], reference: str | None, base: dict[str, float] | None) -> str:
+    ref = next((r for r in runs if r.name == reference), None)
+    head = ["run", "steps", "tokens"]
+    for n in sets:
+        head += [f"{n} loss", f"{n} ppl", f"{n} ppl vs {reference}" if ref else ""]
+    head += ["training time (s)", "mean step (s)", f"time vs {reference}" if ref else ""]
+    head = [h for h in head if h]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if base:
+        row = ["base (start)", "0", "0"]
+        for n in sets:
+            v = base.get(n)
+            row += [f"{v:.4f}", f"{math.exp(v):.3f}"] if v is not None else ["", ""]
+            if ref:
+                f = ref.final(n)
+                row.append(f"{math.exp(v - f) - 1:+.1%}" if v is not None and f is not None else "")
+        row += ["", ""] + ([""] if ref else [])
+        lines.append("| " + " | ".join(row) + " |")
+    for r in runs:
+        row = [r.name, str(r.iterations), f"{r.tokens[r.iterations]:,.0f}"]
+        for n in sets:
+            v = r.final(n)
+            row += [f"{v:.4f}", f"{math.exp(v):.3f}"] if v is not None else ["", ""]
+            if ref:
+                f = ref.final(n)
+                row.append(f"{math.exp(v - f) - 1:+.1%}" if v is not None and f is not None else "")
+        row += [f"{r.train_seconds:.0f}", f"{r.train_seconds / max(r.iterations, 1):.2f}"]
+        if ref:
+            row.append(f"{r.train_seconds / ref.train_seconds:.3f}" if ref.train_seconds else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], sets: list[str], base: dict[str, float] | None, out: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(sets), 2, figsize=(12, 4.2 * len(sets)), squeeze=False)
+    for i, name in enumerate(sets):
+        for j, x in enumerate(("tokens", "seconds")):
+            ax = axes[i][j]
+            for r in runs:
+                if not r.valid[name]:
+                    continue
+                xs, ys = r.curve(name, base.get(name) if base else None, x)
+                style = "-" if r.name == "dense" else "--"
+                ax.plot(xs, ys, style, marker="o", markersize=3, label=r.name)
+            ax.set_xlabel("training tokens" if x == "tokens" else "training time (s, evaluation excluded)")
+            ax.set_ylabel(f"held-out loss: {name}")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (holding tensorboard/)")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("--base", type=Path, default=None, help="a --skip-train run of the starting model")
+    p.add_argument("--sets", nargs="+", default=["new", "old"], help="validation set names (default: new old)")
+    p.add_argument("--reference", default="dense", help="the run the table compares with (default: dense)")
+    p.add_argument("--title", default="held-out loss vs training tokens and training time")
+    a = p.parse_args(argv)
+    base = None
+    if a.base is not None:
+        b = read_scalars(a.base)
+        base = {n: v[min(v)] for n in a.sets if (v := b.get(f"lm loss validation/{n}"))}
+        if not base:
+            raise SystemExit(f"error: --base {a.base}: no `lm loss validation/NAME` scalars for {a.sets}")
+    runs = [Run(r, a.sets) for r in a.runs]
+    for r in runs:
+        if not any(r.valid.values()):
+            raise SystemExit(f"error: {r.name}: no `lm loss validation/NAME` scalars for {a.sets}; "
+                             f"was it run with --valid-data-path NAME=PREFIX?")
+    plot(runs, a.sets, base, a.out, a.title)
+    print(table(runs, a.sets, a.reference if any(r.name == a.reference for r in runs) else None, base))
+    print(f"\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
