@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""How much SAT's sparse forward changes a pretrained model: the loss of the model with
+the units SAT would omit left out, against the dense loss, on the same batches.
+
+Before a continual pre-training run, this tells which metric, selection, unit kind and
+rate keep the model's function: every sparse step trains that sparse function, so a
+setting that moves the loss by more than the run will gain can not end close to dense
+(docs/EXPERIMENTS.md). Forward passes only, one process, TP=1.
+
+    python tools/sat_fidelity.py --hf-checkpoint DIR --data NAME=PREFIX [NAME=PREFIX ...] \\
+        --setting metric=maxip,selection=sampling,attn=0.3,mlp=0.3 \\
+        --setting metric=activation,selection=topk,attn=0,mlp=0.3 ...
+
+A setting is comma-separated key=value pairs: metric, selection, temperature, attn, mlp
+(omission rates), stride (--sat-token-stride), align (--sat-align-mlp); unset keys take
+the project's defaults. Batches: --batches micro-batches of --micro-batch-size x
+--seq-length tokens from random offsets (seeded) of each dataset; each micro-batch selects
+afresh, as a training step does. Prints a Markdown table of the mean loss per dataset and
+its increase over dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from sat_dist.checkpoint.hf import load_hf_checkpoint, shard_hf_state_dict  # noqa: E402
+from sat_dist.config import SATConfig  # noqa: E402
+from sat_dist.data.indexed import IndexedDatasetReader  # noqa: E402
+from sat_dist.errors import SatDistError  # noqa: E402
+from sat_dist.model.llama import LlamaModel  # noqa: E402
+from sat_dist.model.sat_state import SATState  # noqa: E402
+
+KEYS = {"metric": ("metric", str), "selection": ("selection", str), "temperature": ("temperature", float),
+        "attn": ("omission_attn", float), "mlp": ("omission_mlp", float), "stride": ("token_stride", int),
+        "align": ("align_mlp", int)}
+
+
+def parse_setting(text: str) -> SATConfig:
+    values = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in KEYS:
+            raise SatDistError(f"--setting {text!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(KEYS)}")
+        field, kind = KEYS[key.strip()]
+        try:
+            values[field] = kind(value.strip())
+        except ValueError:
+            raise SatDistError(f"--setting {text!r}: {key}={value!r} is not a {kind.__name__}")
+    cfg = dataclasses.replace(SATConfig(), schedule="constant", **values)
+    cfg.validate()
+    return cfg
+
+
+def batches(prefix: str, n: int, mbs: int, seq: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ds = IndexedDatasetReader(prefix)
+    if ds.num_tokens <= seq + 1:
+        raise SatDistError(f"{prefix}: {ds.num_tokens} tokens, fewer than one sample of --seq-length {seq}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        offs = rng.integers(0, ds.num_tokens - seq - 1, mbs)
+        t = torch.from_numpy(np.stack([ds.tokens[o:o + seq + 1].astype(np.int64) for o in offs]))
+        out.append((t[:, :-1], t[:, 1:]))
+    return out
+
+
+@torch.no_grad()
+def mean_loss(model: LlamaModel, state: SATState, cfg: SATConfig | None, data) -> float:
+    state.cfg = cfg
+    state._made.clear()
+    losses = []
+    for step, (ids, labels) in enumerate(data):
+        if cfg is not None:
+            state.set_step(step, 0, attn=cfg.omission_attn, mlp=cfg.omission_mlp)
+        losses.append(model(ids, labels).float().mean())
+    return float(torch.stack(losses).mean())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-checkpoint", required=True)
+    p.add_argument("--data", nargs="+", required=True, metavar="NAME=PREFIX")
+    p.add_argument("--setting", action="append", required=True, help="KEY=VALUE,... (repeatable)")
+    p.add_argument("--seq-length", type=int, default=512)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--batches", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1)
+    a = p.parse_args(argv)
+    try:
+        settings = [(s, parse_setting(s)) for s in a.setting]
+        sets = {}
+        for entry in a.data:
+            name, sep, prefix = entry.partition("=")
+            if not sep or not name or not prefix:
+                raise SatDistError(f"--data {entry!r}: expected NAME=PREFIX")
+            sets[name] = batches(prefix, a.batches, a.micro_batch_size, a.seq_length, a.seed + len(sets))
+        model_cfg, sd = load_hf_checkpoint(a.hf_checkpoint)
+        align = max(s.align_mlp for _, s in settings)
+        state = SATState(dataclasses.replace(SATConfig(), align_mlp=align))
+        model = LlamaModel(model_cfg, state).float().eval()
+        model.load_state_dict(shard_hf_state_dict(sd, model_cfg, 1, 0))
+    except SatDistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dense = {name: mean_loss(model, state, None, data) for name, data in sets.items()}
+    head = ["setting"] + [f"{n} loss (dense {dense[n]:.4f})" for n in sets] + [f"{n} increase" for n in sets]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
+    for text, cfg in settings:
+        sparse = {name: mean_loss(model, state, cfg, data) for name, data in sets.items()}
+        row = [text] + [f"{sparse[n]:.6f}" for n in sets] + [f"{sparse[n] - dense[n]:+.4f}" for n in sets]
+        print("| " + " | ".join(row) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
