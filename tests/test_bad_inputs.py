@@ -79,7 +79,8 @@ def ws(corpus, reference_run, hf_init, tmp_path_factory):
     (w / "ds_batch.json").write_text('{"zero_optimization": {"stage": 3}, "train_batch_size": 999}')
     (w / "ds_fp16.json").write_text('{"zero_optimization": {"stage": 3}, "fp16": {"enabled": true}}')
     (w / "ds_sgd.json").write_text('{"zero_optimization": {"stage": 3}, "optimizer": {"type": "SGD"}}')
-    (w / "ds_lr.json").write_text('{"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}')
+    (w / "ds_lr.json").write_text('{"zero_optimization": {"stage": 3}, '
+                                  '"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}')
     (w / "ds_bf16.json").write_text('{"zero_optimization": {"stage": 3}, "bf16": {"enabled": true}}')
     (w / "ds_sched.json").write_text('{"zero_optimization": {"stage": 3}, "scheduler": {"type": "WarmupLR"}}')
     (w / "small_vocab_model.json").write_text(json.dumps({
@@ -134,7 +135,8 @@ CASES = [
     ("ds lr contradicts --lr", {"ds_config": "{ws}/ds_lr.json"}, "optimizer.params.lr=0.1 contradicts the flags"),
     ("ds bf16 contradicts flags", {"ds_config": "{ws}/ds_bf16.json"}, "bf16.enabled=True contradicts the flags"),
     ("ds scheduler", {"ds_config": "{ws}/ds_sched.json"}, "has a scheduler"),
-    ("checkpoints under ZeRO-1", {"ds_config": str(REPO / "configs" / "ds_zero1.json")}, "--save/--load need ZeRO stage 3"),
+    ("checkpoints under ZeRO-1", {"ds_config": str(REPO / "configs" / "ds_zero1.json")},
+     "--save/--load need ZeRO stage 3"),
     # data
     ("data missing", {"data-path": "{ws}/nope"}, "nope"),
     ("data truncated", {"data-path": "{ws}/truncated"}, "truncated"),
@@ -170,7 +172,8 @@ CASES = [
      "missing tensor model.layers.0.self_attn.k_proj.weight"),
     ("hf wrong shape", {"hf-checkpoint": "{ws}/hf_shape", "model-config": None},
      "model.layers.1.mlp.down_proj.weight has shape (64, 100), config.json implies (64, 128)"),
-    ("hf wrong dtype", {"hf-checkpoint": "{ws}/hf_dtype", "model-config": None}, "model.norm.weight has dtype torch.int64"),
+    ("hf wrong dtype", {"hf-checkpoint": "{ws}/hf_dtype", "model-config": None},
+     "model.norm.weight has dtype torch.int64"),
     ("hf disagrees with model config", {"hf-checkpoint": "{ws}/hf_good", "model-config": "tiny"},
      "is of another model (ffn_hidden_size=768 vs 128"),
     ("hf rope scaling", {"hf-checkpoint": "{ws}/hf_rope_scaled", "model-config": None}, "RoPE scaling (llama3)"),

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from tools.bench_sat import layer_flops, main
 from sat_dist.config import ModelConfig
+from tools.bench_sat import layer_flops, main
 
 
 def test_layer_flops_by_hand():
@@ -33,7 +33,7 @@ def test_benchmark_runs_and_reports(tmp_path):
 
 
 def layer_flops_tiny(keep_attn, keep_mlp):
-    from tools.bench_sat import SHAPES, SEQS
+    from tools.bench_sat import SEQS, SHAPES
 
     cfg = ModelConfig(**SHAPES["tiny"])
     seq, micro = SEQS["tiny"][0]

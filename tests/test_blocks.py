@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding
 
 from sat_dist.config import ModelConfig, SATConfig
-from sat_dist.model.llama import SATAttention, SATMLP
+from sat_dist.model.llama import SATMLP, SATAttention
 from sat_dist.model.sat_state import SATState
 from tests.reference import attn_weights_from_hf, causal_mask, hf_config, mlp_weights_from_hf
 

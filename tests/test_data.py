@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from sat_dist.data.indexed import IndexedDatasetReader, IndexedDatasetWriter, token_dtype
-from sat_dist.data.packing import (TokenStream, build_packed_datasets, parse_split,
-                                   split_sample_ranges)
+from sat_dist.data.packing import TokenStream, build_packed_datasets, parse_split, split_sample_ranges
 from sat_dist.data.tokenizer import load_tokenizer, train_sentencepiece
 from sat_dist.errors import SatDistError
 

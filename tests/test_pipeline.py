@@ -30,7 +30,8 @@ def test_tensorboard_scalars_and_console(uninterrupted):
     expected = {"lm loss", "learning-rate", "grad-norm", "throughput/tokens-per-sec", "iteration-time",
                 "throughput/model-tflops-per-gpu", "throughput/executed-tflops-per-gpu",
                 "sat/omission-rate-mlp", "sat/omission-rate-attn", "sat/kept-units-mlp",
-                "sat/kept-units-attn", "sat/effective-omission-rate-mlp", "memory/max-rss-bytes", "lm loss validation", "lm loss validation ppl"}
+                "sat/kept-units-attn", "sat/effective-omission-rate-mlp", "memory/max-rss-bytes",
+                "lm loss validation", "lm loss validation ppl"}
     assert expected <= tags, expected - tags
     assert sorted(scalars(d / "tb", "lm loss")) == [1, 2, 3, 4, 5, 6]
     assert sorted(scalars(d / "tb", "lm loss validation")) == [3, 6]
@@ -91,10 +92,10 @@ def test_tp2_dp2_zero3_matches_tp1_dp2_and_exports_to_transformers(corpus, hf_in
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=2e-5, abs=2e-5), (tag, k)
 
-    from tools.export_hf import export
     from transformers import LlamaForCausalLM
 
     from sat_dist.data.packing import build_packed_datasets
+    from tools.export_hf import export
 
     out = export(str(tmp_path / "tp2" / "ckpt"), str(tmp_path / "hf_out"))
     model = LlamaForCausalLM.from_pretrained(out).float().eval()

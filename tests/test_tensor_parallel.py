@@ -105,7 +105,8 @@ def test_dense_tp_dp_equals_single_process(cfg, tp, world):
     ref_loss, ref_grads, _ = _single(cfg, hf_sd, ids, labels)
     res = run_ranks(world, _worker, tp, cfg, hf_sd, ids, labels, None, None, (0.0, 0.0))
     err = _max_err(_merged_grads(res, tp, cfg), ref_grads)
-    print(f"\n[dense {cfg.name} tp={tp} world={world}] loss err {abs(res[0]['loss'] - ref_loss):.2e} grad err {err:.2e}")
+    print(f"\n[dense {cfg.name} tp={tp} world={world}] loss err {abs(res[0]['loss'] - ref_loss):.2e} "
+          f"grad err {err:.2e}")
     for r in res:
         assert r["loss"] == pytest.approx(ref_loss, abs=1e-6)
     assert err < 1e-5
@@ -119,7 +120,8 @@ def test_sat_forced_units_tp_dp_equals_single_process():
     forced = {}
     for layer in range(cfg.num_layers):
         g = torch.Generator().manual_seed(layer)
-        forced[(layer, "mlp")] = torch.cat([torch.randperm(64, generator=g)[:24] + 64 * p for p in range(2)]).sort().values
+        forced[(layer, "mlp")] = torch.cat([torch.randperm(64, generator=g)[:24] + 64 * p
+                                            for p in range(2)]).sort().values
         forced[(layer, "attn")] = torch.tensor([layer % 2, 2 + (layer + 1) % 2])
     sat_cfg = SATConfig(align_mlp=8, token_stride=1).validate()
     ref_loss, ref_grads, _ = _single(cfg, hf_sd, ids, labels, sat_cfg, forced)

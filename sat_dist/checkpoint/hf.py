@@ -233,7 +233,8 @@ def load_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, HFTensors]:
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise SatDistError(f"--hf-checkpoint {path}: model.safetensors.index.json is malformed ({type(e).__name__})")
+            raise SatDistError(f"--hf-checkpoint {path}: model.safetensors.index.json is malformed "
+                               f"({type(e).__name__})")
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

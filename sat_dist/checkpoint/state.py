@@ -34,8 +34,8 @@ import torch.distributed as dist
 from sat_dist.checkpoint.reshard import reshard_local
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
-from sat_dist.parallel.comm import ParallelComm
 from sat_dist.faults import fault_point
+from sat_dist.parallel.comm import ParallelComm
 
 MANIFEST = "sat_dist.json"
 LATEST = "latest"
