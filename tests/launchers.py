@@ -26,15 +26,23 @@ def _flags(corpus, **over):
     return out
 
 
-def _env():
+def _env(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
     env["PATH"] = f"{BIN}:{env['PATH']}"
     return env
 
 
-def torchrun(n, flags, check=True, timeout=300):
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(n), "--master-port", str(_port()), PRETRAIN, *flags]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=REPO)
+def torchrun_cmd(n, flags):
+    """The command line that runs launch/pretrain.py on n local ranks (on a free port)."""
+    return [str(BIN / "torchrun"), "--nproc-per-node", str(n), "--master-port", str(_port()), PRETRAIN, *flags]
+
+
+def torchrun(n, flags, check=True, timeout=300, env=None, **kw):
+    """Run launch/pretrain.py on n local ranks and wait; `env`: variables added to the test
+    environment (e.g. SAT_DIST_FAULT); `kw` goes to subprocess.run (e.g. preexec_fn)."""
+    r = subprocess.run(torchrun_cmd(n, flags), capture_output=True, text=True, env=_env(**(env or {})),
+                       timeout=timeout, cwd=REPO, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return r
@@ -52,8 +60,6 @@ def scalars(tb_dir, tag):
     ea = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     ea.Reload()
     return {e.step: e.value for e in ea.Scalars(tag)}
-
-
 
 
 def digest(d: Path) -> dict:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.launchers import BIN, PRETRAIN, REPO, _env, _flags, _port, digest, scalars, torchrun
+from tests.launchers import REPO, _env, _flags, digest, scalars, torchrun, torchrun_cmd
 
 ITERS = 6
+SEED = 0  # the random choices below: a failure reproduces
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,8 @@ def _latest(ckpt: Path) -> int:
 
 def test_kill_in_the_middle_of_a_save(corpus, reference, tmp_path):
     ckpt = tmp_path / "ckpt"
-    env = dict(_env(), SAT_DIST_FAULT="kill-after-state-file@4")
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_port()), PRETRAIN,
-           *_flags(corpus, save=ckpt, **{"save-interval": 2})]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    r = torchrun(2, _flags(corpus, save=ckpt, **{"save-interval": 2}), check=False,
+                 env={"SAT_DIST_FAULT": "kill-after-state-file@4"})
     assert r.returncode != 0
     assert _latest(ckpt) == 2  # the half-written iter_0000004 is never picked
     assert (ckpt / "iter_0000004").is_dir() and not (ckpt / "iter_0000004" / "sat_dist.json").exists()
@@ -71,9 +70,8 @@ def _descendants(pid: int) -> list[int]:
 
 def test_sigkill_launcher_at_a_random_point(corpus, reference, tmp_path):
     ckpt = tmp_path / "ckpt"
-    stop_after = random.Random().randint(1, 3)
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_port()), PRETRAIN,
-           *_flags(corpus, save=ckpt, **{"save-interval": 1})]
+    stop_after = random.Random(SEED).randint(1, 3)
+    cmd = torchrun_cmd(2, _flags(corpus, save=ckpt, **{"save-interval": 1}))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
                             cwd=REPO, start_new_session=True)
     try:
@@ -103,10 +101,7 @@ def test_preemption_signal_saves_and_exits_cleanly(corpus, reference, tmp_path):
     """SIGUSR1 (SLURM's pre-timeout warning) reaching rank 0 only: every rank stops at the
     same step boundary, one checkpoint is written, the exit code is 0."""
     ckpt = tmp_path / "ckpt"
-    env = dict(_env(), SAT_DIST_FAULT="sigusr1@3")
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_port()), PRETRAIN,
-           *_flags(corpus, save=ckpt)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    r = torchrun(2, _flags(corpus, save=ckpt), check=False, env={"SAT_DIST_FAULT": "sigusr1@3"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "preempted (SIGUSR1): saved checkpoint at iteration 3" in r.stdout
     assert _latest(ckpt) == 3
@@ -140,10 +135,8 @@ def test_full_disk_during_a_save(corpus, reference, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write() instead of a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_port()), PRETRAIN,
-           *_flags(corpus, load=ckpt, save=ckpt, **{"save-interval": 2})]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=REPO,
-                       preexec_fn=small_files)
+    r = torchrun(2, _flags(corpus, load=ckpt, save=ckpt, **{"save-interval": 2}), check=False,
+                 preexec_fn=small_files)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors and "could not write" in errors[0] and "disk full" in errors[0], r.stderr[-2000:]
