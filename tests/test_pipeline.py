@@ -123,6 +123,31 @@ def test_export_refuses_to_overwrite(uninterrupted, tmp_path):
     assert (out / "config.json").is_file()
 
 
+def test_export_errors_name_the_checkpoint_problem(uninterrupted, tmp_path, capsys):
+    """Each unusable checkpoint gives exit code 2 and one line naming --load and the problem."""
+    from tools.export_hf import main as export_main
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(uninterrupted[0] / "ckpt", ckpt)
+
+    def error(*extra):
+        capsys.readouterr()
+        assert export_main(["--load", str(ckpt), "--output", str(tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: --load {ckpt}"), err
+        assert not (tmp_path / "out").exists()
+        return err
+
+    assert "no complete checkpoint iter_0000099" in error("--iteration", "99")
+    (ckpt / "iter_0000004" / "state_tp00_dp001.pt").unlink()
+    assert "state_tp00_dp001.pt missing in iter_0000004; the checkpoint is incomplete" in error("--iteration", "4")
+    f = ckpt / "iter_0000006" / "state_tp00_dp000.pt"
+    f.write_bytes(f.read_bytes()[:1000])
+    assert "state_tp00_dp000.pt is unreadable (" in error()  # the latest
+    shutil.rmtree(ckpt)
+    assert "no such directory" in error()
+
+
 def test_recompute_zero1_and_bf16_train_like_the_reference(corpus, reference_run, tmp_path):
     """Activation recompute under ZeRO-3 (re-deriving SAT's selection, with its DP all-reduce,
     in the backward pass) computes the reference's losses; ZeRO-1 in bf16 stays within bf16

@@ -24,7 +24,15 @@ def export(load: str, output: str, iteration: int | None = None, dtype: str = "f
     import torch
 
     from sat_dist.checkpoint.hf import merge_tp_state_dicts, save_hf_checkpoint
-    from sat_dist.checkpoint.state import MANIFEST, latest_complete_tag, read_manifest, state_file, tag_of
+    from sat_dist.checkpoint.state import (
+        MANIFEST,
+        UnreadableStateFile,
+        latest_complete_tag,
+        load_state_file,
+        read_manifest,
+        state_file,
+        tag_of,
+    )
     from sat_dist.config import ModelConfig
 
     d = Path(load)
@@ -42,9 +50,9 @@ def export(load: str, output: str, iteration: int | None = None, dtype: str = "f
             if not f.is_file():
                 raise SatDistError(f"--load {load}: {f.name} missing in {tag}; the checkpoint is incomplete")
             try:
-                state = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
-            except (OSError, RuntimeError, EOFError) as e:
-                raise SatDistError(f"--load {load}: {f.name} is unreadable ({str(e).splitlines()[0] if str(e) else e})")
+                state = load_state_file(f)
+            except UnreadableStateFile as e:
+                raise SatDistError(f"--load {load}: {f.name} is unreadable ({e.reason})")
             shard.update({name: entry["param"] for name, entry in state["tensors"].items()})
     out = Path(output)
     if out.exists() and any(out.iterdir()):

@@ -184,7 +184,7 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
     def stored(name: str, r: int) -> dict:
         key = (r, owners[name])
         if key not in files:
-            files[key] = _load_state_file(d / state_file(*key))
+            files[key] = load_state_file(d / state_file(*key))
         entry = files[key]["tensors"].get(name)
         if entry is None:
             raise SatDistError(f"--load {ckpt_dir}: {tag}/{state_file(*key)} lacks {name}; the checkpoint is damaged")
@@ -215,17 +215,25 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
     engine.skipped_steps = manifest.get("skipped_steps", 0)
     same_layout = (old_tp, manifest["data_parallel_size"]) == (comm.tp_size, comm.dp_size)
     if same_layout:
-        own = files.get((comm.tp_rank, comm.dp_rank)) or _load_state_file(d / state_file(comm.tp_rank, comm.dp_rank))
+        own = files.get((comm.tp_rank, comm.dp_rank)) or load_state_file(d / state_file(comm.tp_rank, comm.dp_rank))
         _set_rng_state(own.get("rng"))
 
 
-def _load_state_file(path: Path) -> dict:
-    """A state file, memory-mapped: only the tensors asked for are read from disk."""
+class UnreadableStateFile(SatDistError):
+    """A state file torch.load cannot read; `reason` is why, in one line."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"checkpoint {path}: unreadable ({reason}); point latest at an earlier iter_*")
+        self.path, self.reason = Path(path), reason
+
+
+def load_state_file(path: str | Path) -> dict:
+    """A state file (state_file()), memory-mapped: only the tensors asked for are read from
+    disk. Raises UnreadableStateFile if torch.load cannot read it."""
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SatDistError(f"checkpoint {path}: unreadable ({reason}); point latest at an earlier iter_*")
+        raise UnreadableStateFile(path, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def _unique_params(model):
