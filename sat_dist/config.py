@@ -220,4 +220,5 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
-__all__ = ["SATConfig", "ModelConfig", "METRICS", "SELECTIONS", "SCHEDULES", "GRANULARITIES", "load_fields", "read_json_object"]
+__all__ = ["SATConfig", "ModelConfig", "METRICS", "SELECTIONS", "SCHEDULES", "GRANULARITIES", "load_fields",
+           "read_json_object"]

@@ -245,7 +245,8 @@ def test_mlp_metrics_equal_hand_computation():
     torch.testing.assert_close(mlp_scores("activation", x, fc1, fc2), torch.tensor(contrib), rtol=1e-4, atol=1e-6)
     # token_stride scores every 4th token only
     strided = [max(abs(float(x[t] @ fc1[j])) for t in range(0, 40, 4)) for j in range(F)]
-    torch.testing.assert_close(mlp_scores("maxip", x, fc1, fc2, token_stride=4), torch.tensor(strided), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mlp_scores("maxip", x, fc1, fc2, token_stride=4), torch.tensor(strided),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("metric", ["maxip", "wanda", "magnitude", "activation"])

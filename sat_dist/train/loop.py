@@ -15,12 +15,12 @@ from sat_dist.checkpoint.state import restore_checkpoint, save_checkpoint
 from sat_dist.config import ModelConfig
 from sat_dist.data.packing import PackedDataset
 from sat_dist.errors import SatDistError
+from sat_dist.faults import fault_point
 from sat_dist.parallel.comm import ParallelComm
 from sat_dist.sat.schedule import OmissionSchedule
 from sat_dist.sat.selection import keep_count
 from sat_dist.train.arguments import RunConfig, run_definition
 from sat_dist.train.engine import Engine
-from sat_dist.faults import fault_point
 from sat_dist.train.metrics import ExecutedFlops, TensorBoardLog
 from sat_dist.train.preemption import PreemptionFlag
 
