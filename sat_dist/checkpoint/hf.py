@@ -1,10 +1,11 @@
 """Hugging Face Llama checkpoints in and out, at any tensor-parallel size.
 
 The HF state dict (names and layouts of transformers' LlamaForCausalLM) is the canonical
-full form; `shard_hf_state_dict` cuts it into one TP rank's local tensors in the model's
-row-gathered layouts (sat_dist/model/llama.py) and `merge_tp_state_dicts` glues the TP
-ranks' local tensors back together. A wrong interleave here gives garbage with no error, so
-tests compare logits with transformers itself.
+full form. This module only maps HF tensors to and from each parameter's full tensor
+(TP=1, unpadded: q/k/v grouped per KV head, [gate; up], transposes); the TP split, the
+[gate; up] interleave per partition and the vocabulary padding are sat_dist.model.layout's,
+applied by sat_dist.checkpoint.reshard. A wrong mapping here gives garbage with no error,
+so tests compare logits with transformers itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sat_dist.checkpoint.reshard import rows as _rows
+from sat_dist.checkpoint.reshard import to_full, to_local
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
 
@@ -163,57 +164,52 @@ def check_hf_state_dict(sd: Mapping, cfg: ModelConfig, where: str) -> None:
 def shard_hf_state_dict(sd: Mapping, cfg: ModelConfig, tp: int, rank: int) -> dict[str, torch.Tensor]:
     """Local tensors of TP rank `rank` (names of LlamaModel.state_dict())."""
     h, d, r, G = cfg.hidden_size, cfg.head_dim, cfg.heads_per_group, cfg.num_query_groups
-    vp = cfg.padded_vocab_size(tp)
 
-    def pad_vocab(w):
-        return torch.cat((w, w.new_zeros(vp - w.shape[0], h))) if vp > w.shape[0] else w
+    def local(name: str, full: torch.Tensor) -> torch.Tensor:
+        return to_local(name, full, cfg, tp, rank).contiguous().clone()
 
-    out = {"embedding.weight": _rows(pad_vocab(sd["model.embed_tokens.weight"]), rank, tp),
-           "final_layernorm.weight": sd["model.norm.weight"]}
+    out = {"embedding.weight": local("embedding.weight", sd["model.embed_tokens.weight"]),
+           "final_layernorm.weight": local("final_layernorm.weight", sd["model.norm.weight"])}
     head = sd["model.embed_tokens.weight"] if cfg.tie_word_embeddings else sd["lm_head.weight"]
-    out["output_layer.weight"] = _rows(pad_vocab(head), rank, tp)
+    out["output_layer.weight"] = local("output_layer.weight", head)
     for i in range(cfg.num_layers):
         p, o = _LAYER.format(i), f"layers.{i}."
         qkv = torch.cat((sd[p + "self_attn.q_proj.weight"].reshape(G, r * d, h),
                          sd[p + "self_attn.k_proj.weight"].reshape(G, d, h),
                          sd[p + "self_attn.v_proj.weight"].reshape(G, d, h)), dim=1)  # [G, (r+2)d, h]
-        proj = sd[p + "self_attn.o_proj.weight"].t().reshape(G, r * d, h)
-        out[o + "self_attention.qkv_weight"] = _rows(qkv, rank, tp).reshape(-1, h)
-        out[o + "self_attention.proj_weight"] = _rows(proj, rank, tp).reshape(-1, h)
-        out[o + "mlp.fc1_weight"] = torch.cat((_rows(sd[p + "mlp.gate_proj.weight"], rank, tp),
-                                               _rows(sd[p + "mlp.up_proj.weight"], rank, tp)))
-        out[o + "mlp.fc2_weight"] = _rows(sd[p + "mlp.down_proj.weight"].t(), rank, tp)
-        out[o + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
-        out[o + "pre_mlp_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
-    return {k: v.contiguous().clone() for k, v in out.items()}
+        for name, full in (
+            ("self_attention.qkv_weight", qkv.reshape(-1, h)),
+            ("self_attention.proj_weight", sd[p + "self_attn.o_proj.weight"].t()),
+            ("mlp.fc1_weight", torch.cat((sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]))),
+            ("mlp.fc2_weight", sd[p + "mlp.down_proj.weight"].t()),
+            ("input_layernorm.weight", sd[p + "input_layernorm.weight"]),
+            ("pre_mlp_layernorm.weight", sd[p + "post_attention_layernorm.weight"]),
+        ):
+            out[o + name] = local(o + name, full)
+    return out
 
 
 def merge_tp_state_dicts(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The HF state dict from the local tensors of all TP ranks (in rank order)."""
-    h, d, r, G, V = cfg.hidden_size, cfg.head_dim, cfg.heads_per_group, cfg.num_query_groups, cfg.vocab_size
-    tp = len(shards)
+    h, d, r, G = cfg.hidden_size, cfg.head_dim, cfg.heads_per_group, cfg.num_query_groups
 
-    def cat(name, view=None):
-        parts = [s[name] if view is None else s[name].reshape(view) for s in shards]
-        return torch.cat(parts)
+    def full(name):
+        return to_full(name, [s[name] for s in shards], cfg)
 
-    out = {"model.embed_tokens.weight": cat("embedding.weight")[:V],
-           "model.norm.weight": shards[0]["final_layernorm.weight"]}
+    out = {"model.embed_tokens.weight": full("embedding.weight"), "model.norm.weight": full("final_layernorm.weight")}
     if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = cat("output_layer.weight")[:V]
+        out["lm_head.weight"] = full("output_layer.weight")
     for i in range(cfg.num_layers):
         p, o = _LAYER.format(i), f"layers.{i}."
-        qkv = cat(o + "self_attention.qkv_weight", (G // tp, (r + 2) * d, h))  # [G, (r+2)d, h]
+        qkv = full(o + "self_attention.qkv_weight").reshape(G, (r + 2) * d, h)
         out[p + "self_attn.q_proj.weight"] = qkv[:, : r * d].reshape(-1, h)
         out[p + "self_attn.k_proj.weight"] = qkv[:, r * d:(r + 1) * d].reshape(-1, h)
         out[p + "self_attn.v_proj.weight"] = qkv[:, (r + 1) * d:].reshape(-1, h)
-        out[p + "self_attn.o_proj.weight"] = cat(o + "self_attention.proj_weight").t()
-        fc1 = [s[o + "mlp.fc1_weight"].chunk(2) for s in shards]
-        out[p + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
-        out[p + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
-        out[p + "mlp.down_proj.weight"] = cat(o + "mlp.fc2_weight").t()
-        out[p + "input_layernorm.weight"] = shards[0][o + "input_layernorm.weight"]
-        out[p + "post_attention_layernorm.weight"] = shards[0][o + "pre_mlp_layernorm.weight"]
+        out[p + "self_attn.o_proj.weight"] = full(o + "self_attention.proj_weight").t()
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = full(o + "mlp.fc1_weight").chunk(2)
+        out[p + "mlp.down_proj.weight"] = full(o + "mlp.fc2_weight").t()
+        out[p + "input_layernorm.weight"] = full(o + "input_layernorm.weight")
+        out[p + "post_attention_layernorm.weight"] = full(o + "pre_mlp_layernorm.weight")
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 

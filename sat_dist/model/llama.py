@@ -12,6 +12,8 @@ r = query heads per group, d = head dim):
   mlp.fc2_weight   [f, h]         W_down transposed                (HF down_proj.T)
   attn.qkv_weight  [G*(r+2)*d, h] per group: r query heads, k, v   (HF q/k/v_proj)
   attn.proj_weight [G*r*d, h]     W_o transposed                   (HF o_proj.T)
+How each parameter is split over TP ranks (and padded, and decayed) is declared once, in
+sat_dist.model.layout; everything else reads it from there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
+from sat_dist.model.layout import layout_of
 from sat_dist.model.sat_state import SATState
 from sat_dist.model.sparse_ops import kept_linear
 from sat_dist.parallel.comm import SINGLE_PROCESS, ParallelComm
@@ -224,8 +227,9 @@ class LlamaModel(nn.Module):
         for name, p in self.named_parameters():
             # Megatron's attributes: DeepSpeed's gradient norm counts a sharded parameter on
             # every TP rank and a replicated one (the norms) only once.
-            if not name.endswith("layernorm.weight"):
-                p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, 1
+            layout = layout_of(name)
+            if not layout.replicated:
+                p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, layout.partition_dim, 1
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embedding(ids)  # [b, s, h]

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from sat_dist.config import ModelConfig, SATConfig, read_json_object
 from sat_dist.errors import SatDistError
+from sat_dist.model.layout import layout_of
 from sat_dist.model.llama import LlamaModel, check_tensor_parallel
 from sat_dist.model.sat_state import SATState
 from sat_dist.parallel.comm import ParallelComm
@@ -137,9 +138,7 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
         reads = not stage3 or comm.dp_rank == 0
         local = shard_hf_state_dict(hf_state_dict, model_cfg, comm.tp_size, comm.tp_rank) if reads else None
         load_local_weights(model, local, comm, stage3)
-    decay = [p for n, p in model.named_parameters() if not n.endswith("layernorm.weight")]
-    no_decay = [p for n, p in model.named_parameters() if n.endswith("layernorm.weight")]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = optimizer_param_groups(model)
 
     def schedule(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
@@ -150,6 +149,14 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
                                            lr_scheduler=schedule, mpu=MegatronMPU(),
                                            dist_init_required=False)
     return Engine(engine, model, sat, ds, ds["gradient_accumulation_steps"])
+
+
+def optimizer_param_groups(model: LlamaModel) -> list[dict]:
+    """AdamW's parameter groups: weight decay where sat_dist.model.layout says so (not the norms)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if layout_of(name).weight_decay else no_decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
