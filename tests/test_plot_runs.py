@@ -62,3 +62,30 @@ def test_run_without_validation_sets_is_one_clear_error(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode != 0 and "--valid-data-path NAME=PREFIX" in r.stderr
     assert not (tmp_path / "p.png").exists()
+
+
+def test_step_times_from_a_benchmark_report(tmp_path):
+    """--step-times: each step costs the benchmark's median for the rates it ran at."""
+    import json
+
+    logs = _run_logs(99.0, {4: (2.1, 3.5)}, 4, 2048)  # the run's own (busy-machine) times: ignored
+    logs["sat/effective-omission-rate-attn"] = {i: 0.0 for i in range(1, 5)}
+    logs["sat/effective-omission-rate-mlp"] = {1: 0.333, 2: 0.333, 3: 0.167, 4: 0.0}
+    _write(tmp_path / "sat", logs)
+    bench = {"sat_dist": {"settings": [
+        {"keep_fraction_attn": 1.0, "keep_fraction_mlp": 1.0, "median_step_s": 10.0},
+        {"keep_fraction_attn": 1.0, "keep_fraction_mlp": 1024 / 1536, "median_step_s": 7.0},
+        {"keep_fraction_attn": 1.0, "keep_fraction_mlp": 1280 / 1536, "median_step_s": 8.5}]}}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    cmd = [sys.executable, str(TOOL), str(tmp_path / "sat"), "--out", str(tmp_path / "p.png"), "--step-times",
+           str(tmp_path / "bench.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| sat "))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert cells[1] == "8,192"  # tokens still from the run's log
+    assert cells[-2] == "32" and cells[-1] == "8.12"  # 7 + 7 + 8.5 + 10 = 32.5 s -> "32", 32.5 / 4
+    del bench["sat_dist"]["settings"][2]  # no row for 0.167: one clear error naming the fix
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode != 0 and "tools/bench_step.py with --omissions 0.0,0.167" in r.stderr

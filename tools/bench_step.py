@@ -45,6 +45,9 @@ WIDTHS = {
     "13b": dict(hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40, num_query_groups=40),
     "70b-gqa": dict(hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64, num_query_groups=8),
     "tiny": dict(hidden_size=256, ffn_hidden_size=768, num_attention_heads=4, num_query_groups=4),
+    # the experiment's model (docs/EXPERIMENTS.md): use with --layers 30 --vocab 49152
+    "smollm2-135m": dict(hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,
+                         tie_word_embeddings=True, rope_theta=100000.0),
 }
 
 
@@ -67,6 +70,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="attention,MLP omission pairs (dense always runs)")
     p.add_argument("--sat-granularity", default=None, help="--sat-granularity of sat_dist (step, micro-batch)")
     p.add_argument("--align-mlp", type=int, default=128)
+    p.add_argument("--sat-metric", default=None, help="--sat-metric of sat_dist (default: the project's)")
+    p.add_argument("--sat-selection", default=None, help="--sat-selection of sat_dist (default: the project's)")
     p.add_argument("--rounds", type=int, default=4, help="measured rounds (one step per setting each)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     p.add_argument("--peer", action="store_true", help="also run transformers' LlamaForCausalLM")
@@ -174,7 +179,8 @@ def worker(a) -> int:
                     min_lr=0.0, lr_warmup_iters=0, lr_decay_style="constant", bf16=a.dtype == "bf16",
                     recompute_activations=a.recompute, ds_config=a.ds_config)
     if a.worker == "sat_dist":
-        sat_kw = {"granularity": a.sat_granularity} if a.sat_granularity else {}
+        sat_kw = {k: v for k, v in (("granularity", a.sat_granularity), ("metric", a.sat_metric),
+                                    ("selection", a.sat_selection)) if v}
         sat_cfg = SATConfig(schedule="constant", align_mlp=a.align_mlp, **sat_kw).validate()
         from sat_dist.train.engine import build_engine
 

@@ -13,6 +13,10 @@ or is that folder itself; its name labels the run. Read per run:
     excludes evaluation and checkpoint saving) and `throughput/tokens-per-sec`, from which
     the cumulative training time and the tokens of each iteration follow (tokens per
     iteration = tokens-per-sec x iteration-time, i.e. global batch x sequence length).
+--step-times takes the time of every step from a tools/bench_step.py report instead (the
+median step of dense and each SAT setting, measured side by side on a quiet machine),
+looked up by the omission rates the step really ran at (`sat/effective-omission-rate-*`):
+training times that a busy machine during the runs cannot distort.
 --base names a run made with --skip-train (the starting model): its values are drawn as
 every curve's point at 0 tokens and 0 s. The table gives, per run, the last evaluation of
 every set, its perplexity, the difference to --reference in perplexity, the training time
@@ -44,13 +48,42 @@ def read_scalars(run: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def bench_step_times(path: Path) -> dict[tuple[float, float], float]:
+    """(effective attention, MLP omission) -> median step seconds, from a tools/bench_step.py
+    report (the sat_dist arm: dense and every SAT setting measured side by side)."""
+    import json
+
+    report = json.loads(path.read_text())
+    rows = report.get("sat_dist", report).get("settings")
+    if not rows:
+        raise SystemExit(f"error: --step-times {path}: no sat_dist settings; expected a tools/bench_step.py "
+                         f"--out report")
+    return {(round(1 - r["keep_fraction_attn"], 3), round(1 - r["keep_fraction_mlp"], 3)): r["median_step_s"]
+            for r in rows}
+
+
 class Run:
-    def __init__(self, path: Path, sets: list[str]):
+    def __init__(self, path: Path, sets: list[str], step_times: dict[tuple[float, float], float] | None = None):
         self.name = path.name if path.name != "tensorboard" else path.parent.name
         s = read_scalars(path)
         self.valid = {name: dict(sorted(s.get(f"lm loss validation/{name}", {}).items())) for name in sets}
         times = dict(sorted(s.get("iteration-time", {}).items()))
         tps = s.get("throughput/tokens-per-sec", {})
+        if step_times is not None:
+            # Every step costs what the side-by-side benchmark measured for the omission rates it
+            # really ran at: training times that a busy machine during the run cannot distort.
+            attn = s.get("sat/effective-omission-rate-attn", {})
+            mlp = s.get("sat/effective-omission-rate-mlp", {})
+            tokens = {it: tps[it] * dt for it, dt in times.items() if it in tps}
+            times = {}
+            for it in sorted(mlp):
+                key = (round(attn.get(it, 0.0), 3), round(mlp[it], 3))
+                if key not in step_times:
+                    raise SystemExit(f"error: {self.name}: iteration {it} ran at omission attn/mlp {key[0]}/{key[1]}, "
+                                     f"which --step-times does not have (it has {sorted(step_times)}); run "
+                                     f"tools/bench_step.py with --omissions {key[0]},{key[1]}")
+                times[it] = step_times[key]
+            tps = {it: tokens.get(it, 0.0) / dt for it, dt in times.items()}
         # cumulative training seconds and tokens at every logged iteration
         self.seconds, self.tokens, self.step_time = {0: 0.0}, {0: 0.0}, times
         last, secs, toks = 0, 0.0, 0.0
@@ -160,6 +193,9 @@ def main(argv=None) -> int:
     p.add_argument("--sets", nargs="+", default=["new", "old"], help="validation set names (default: new old)")
     p.add_argument("--reference", default="dense", help="the run the table compares with (default: dense)")
     p.add_argument("--title", default="held-out loss vs training tokens and training time")
+    p.add_argument("--step-times", type=Path, default=None,
+                   help="a tools/bench_step.py --out report: each step's time is the benchmark's median for the "
+                        "omission rates the step ran at, instead of the run's own iteration-time")
     a = p.parse_args(argv)
     base = None
     if a.base is not None:
@@ -167,7 +203,8 @@ def main(argv=None) -> int:
         base = {n: v[min(v)] for n in a.sets if (v := b.get(f"lm loss validation/{n}"))}
         if not base:
             raise SystemExit(f"error: --base {a.base}: no `lm loss validation/NAME` scalars for {a.sets}")
-    runs = [Run(r, a.sets) for r in a.runs]
+    step_times = bench_step_times(a.step_times) if a.step_times else None
+    runs = [Run(r, a.sets, step_times) for r in a.runs]
     for r in runs:
         if not any(r.valid.values()):
             raise SystemExit(f"error: {r.name}: no `lm loss validation/NAME` scalars for {a.sets}; "
