@@ -16,6 +16,10 @@ and exports to Hugging Face at any TP size. Every DP rank writes a share of the 
 rank of its partition first: a save moves about 12 bytes per parameter into each rank, which
 at 7B and beyond is slower than DeepSpeed's own partitioned files (a known cost; a
 gather-to-owner would remove it).
+
+This module is the file format (names, manifest, atomic writes, checks); what it stores is
+read from and written to DeepSpeed through sat_dist.parallel.zero, and re-partitioned for
+another TP size by sat_dist.checkpoint.reshard.
 """
 
 from __future__ import annotations
@@ -35,12 +39,16 @@ from sat_dist.checkpoint.reshard import reshard_local
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
 from sat_dist.faults import fault_point
+from sat_dist.parallel import zero
 from sat_dist.parallel.comm import ParallelComm
+from sat_dist.parallel.zero import MOMENTS
 
 MANIFEST = "sat_dist.json"
 LATEST = "latest"
-MOMENTS = ("exp_avg", "exp_avg_sq")
 FORMAT = 1
+# A state file: {"tensors": {parameter name: {"param": fp32 weight, "exp_avg": Adam moment or
+# None, "exp_avg_sq": ...}}, "rng": {...}}; the tensors are TP-local and whole over DP.
+ENTRY_KEYS = ("param", *MOMENTS)
 
 
 def tag_of(iteration: int) -> str:
@@ -99,14 +107,11 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
             shutil.rmtree(partial)  # left by a save that was killed; never resumed from
         partial.mkdir(exist_ok=True)
     dist.barrier()
-    optimizer = engine.optimizer
     owners, mine = {}, {}
-    for i, (name, p) in enumerate(_unique_params(model)):
+    for i, (name, p) in enumerate(zero.unique_params(model)):
         owner = i % comm.dp_size
         owners[name] = owner
-        entry = {"param": _full_fp32(p, stage3)}  # collectives: every DP rank takes part
-        for key in MOMENTS:
-            entry[key] = _full_moment(optimizer, p, key)
+        entry = zero.gather_param_state(engine.optimizer, p, stage3)  # collectives: every DP rank takes part
         if owner == comm.dp_rank:
             mine[name] = {k: (v.detach().float().cpu().clone() if v is not None else None) for k, v in entry.items()}
     _atomic_torch_save({"tensors": mine, "rng": _rng_state()},
@@ -114,6 +119,7 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
     fault_point("kill-after-state-file", iteration)
     dist.barrier()
     if rank == 0:
+        counters = zero.engine_counters(engine)
         manifest = {
             "format": FORMAT,
             "iteration": iteration,
@@ -121,9 +127,9 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
             "tensor_model_parallel_size": comm.tp_size,
             "data_parallel_size": comm.dp_size,
             "owners": owners,
-            "optimizer_step": _adam_step(optimizer),
-            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-            "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+            "optimizer_step": counters["optimizer_step"],
+            "lr_scheduler": counters["lr_scheduler"],
+            "skipped_steps": counters["skipped_steps"],
             "model": model_cfg.__dict__,
             "sat_schedule": sat_schedule,
             "run_definition": definition,
@@ -175,8 +181,6 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
                        model_cfg: ModelConfig, stage3: bool) -> None:
     """Load weights, Adam moments and step, LR schedule (and RNG on the same layout) of `tag`
     into a freshly built engine, re-partitioning from the saved TP x DP layout to this one."""
-    from sat_dist.train.engine import write_local_weight
-
     d = Path(ckpt_dir) / tag
     old_tp, owners = manifest["tensor_model_parallel_size"], manifest["owners"]
     files: dict[tuple[int, int], dict] = {}
@@ -190,29 +194,16 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
             raise SatDistError(f"--load {ckpt_dir}: {tag}/{state_file(*key)} lacks {name}; the checkpoint is damaged")
         return entry
 
-    optimizer = engine.optimizer
-    _ensure_adam_state(optimizer, manifest["optimizer_step"])
-    for name, p in _unique_params(model):
+    zero.ensure_adam_state(engine.optimizer, manifest["optimizer_step"])
+    for name, p in zero.unique_params(model):
         if name not in owners:
             raise SatDistError(f"--load {ckpt_dir}: {tag} has no {name}; it was saved by another model")
         entries = [stored(name, r) for r in range(old_tp)]
         local = {k: reshard_local(name, [e[k] for e in entries], model_cfg, comm.tp_size, comm.tp_rank)
-                 for k in ("param", *MOMENTS) if entries[0].get(k) is not None}
-        write_local_weight(p, name, local["param"], comm, stage3)
-        _set_full_fp32(p, local["param"])
-        for key in MOMENTS:
-            if key in local:
-                _set_full_moment(optimizer, p, key, local[key])
-    if engine.lr_scheduler is not None and manifest.get("lr_scheduler"):
-        sched = engine.lr_scheduler
-        sched.load_state_dict(manifest["lr_scheduler"])
-        # load_state_dict restores the schedule's position but not the learning rate the
-        # optimizer uses for its next step; without this the first resumed step is off.
-        for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
-            group["lr"] = lr
-    engine.global_steps = manifest["iteration"]
-    engine.global_samples = manifest["consumed_samples"]
-    engine.skipped_steps = manifest.get("skipped_steps", 0)
+                 for k in ENTRY_KEYS if entries[0].get(k) is not None}
+        zero.write_param_state(engine.optimizer, p, name, local, comm, stage3)
+    zero.restore_engine_counters(engine, manifest["iteration"], manifest["consumed_samples"],
+                                 manifest.get("lr_scheduler"), manifest.get("skipped_steps", 0))
     same_layout = (old_tp, manifest["data_parallel_size"]) == (comm.tp_size, comm.dp_size)
     if same_layout:
         own = files.get((comm.tp_rank, comm.dp_rank)) or load_state_file(d / state_file(comm.tp_rank, comm.dp_rank))
@@ -234,82 +225,6 @@ def load_state_file(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
         raise UnreadableStateFile(path, str(e).splitlines()[0] if str(e) else type(e).__name__)
-
-
-def _unique_params(model):
-    """(name, parameter) once each (a tied LM head shares the embedding's)."""
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            yield name, p
-
-
-def _full_fp32(p, stage3: bool) -> torch.Tensor:
-    """The fp32 master copy of p, whole (gathered over DP)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    full = safe_get_full_fp32_param(p)
-    if full is None:  # no ZeRO partitioning of this parameter: p is its own master
-        return p.detach()
-    return full.reshape(p.ds_shape if stage3 else p.shape)
-
-
-def _set_full_fp32(p, value: torch.Tensor) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    safe_set_full_fp32_param(p, value.to(torch.float32).to(p.device))
-
-
-def _full_moment(optimizer, p, key: str) -> Optional[torch.Tensor]:
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    if _adam_step(optimizer) is None:
-        return None  # no optimizer step yet: the moments do not exist
-    full = safe_get_full_optimizer_state(p, key)
-    if full is None:
-        state = _inner(optimizer).state.get(p, {})
-        full = state.get(key)
-    return None if full is None else full.reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
-
-
-def _set_full_moment(optimizer, p, key: str, value: torch.Tensor) -> None:
-    from deepspeed.utils import safe_set_full_optimizer_state
-
-    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-        safe_set_full_optimizer_state(p, value.to(torch.float32).to(p.device), key)
-    else:
-        _inner(optimizer).state[p][key].copy_(value)
-
-
-def _inner(optimizer):
-    """The torch optimizer under DeepSpeed's ZeRO wrapper (or the optimizer itself)."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def _adam_step(optimizer) -> Optional[int]:
-    for state in _inner(optimizer).state.values():
-        if "step" in state:
-            return int(state["step"])
-    return None
-
-
-def _ensure_adam_state(optimizer, step: Optional[int]) -> None:
-    """Create the (lazily made) Adam state, so that saved moments can be written into it."""
-    if step is None:
-        return
-    inner = _inner(optimizer)
-    # The tensors Adam steps: ZeRO-3's and ZeRO-1/2's flat fp32 partitions, else the params.
-    flats = getattr(optimizer, "fp32_partitioned_groups_flat", None) or \
-        getattr(optimizer, "single_partition_of_fp32_groups", None) or \
-        [p for group in inner.param_groups for p in group["params"]]
-    for p in flats:
-        st = inner.state[p]
-        for key in MOMENTS:
-            if key not in st:
-                st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        old = st.get("step")
-        st["step"] = torch.tensor(float(step)) if old is None or torch.is_tensor(old) else step
 
 
 def _json_default(o):

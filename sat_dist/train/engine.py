@@ -21,6 +21,7 @@ from sat_dist.model.llama import LlamaModel, check_tensor_parallel
 from sat_dist.model.sat_state import SATState
 from sat_dist.parallel.comm import ParallelComm
 from sat_dist.parallel.state import MegatronMPU
+from sat_dist.parallel.zero import load_local_weights
 from sat_dist.train.arguments import TrainConfig
 from sat_dist.train.lr import lr_at
 
@@ -157,38 +158,3 @@ def optimizer_param_groups(model: LlamaModel) -> list[dict]:
     for name, p in model.named_parameters():
         (decay if layout_of(name).weight_decay else no_decay).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-@torch.no_grad()
-def load_local_weights(model: LlamaModel, local: Optional[dict[str, torch.Tensor]], comm: ParallelComm,
-                       stage3: bool) -> None:
-    """Write a TP rank's local tensors into the (possibly ZeRO-3 partitioned) model. Under
-    ZeRO-3, ranks other than DP rank 0 pass None: they only take part in the collectives."""
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(local)) if local is not None else []
-    if missing:
-        raise SatDistError(f"weights: missing {missing[0]} (and {len(missing) - 1} more)")
-    for name, p in params.items():
-        write_local_weight(p, name, None if local is None else local[name], comm, stage3)
-
-
-@torch.no_grad()
-def write_local_weight(p: torch.nn.Parameter, name: str, value: Optional[torch.Tensor], comm: ParallelComm,
-                       stage3: bool) -> None:
-    """Write one parameter's TP-local tensor; a collective over the DP group under ZeRO-3,
-    where only DP rank 0 needs the value (the others may pass None)."""
-    import deepspeed
-
-    shape = tuple(p.ds_shape if stage3 else p.shape)
-    if value is not None and tuple(value.shape) != shape:
-        raise SatDistError(f"weights: {name} has shape {tuple(value.shape)}, the model expects {shape}")
-    # DeepSpeed 0.19 reads modifier_rank as a rank WITHIN the parameter's DP group (it maps
-    # it to a global rank itself); older notes say global. Either way a wrong reading drops
-    # or scrambles the write silently, so the write is read back and checked.
-    with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=stage3):
-        if not stage3 or comm.dp_rank == 0:
-            p.copy_(value.to(p.dtype))
-    with deepspeed.zero.GatheredParameters([p], enabled=stage3):
-        if value is not None and not torch.equal(p.detach().cpu(), value.to(p.dtype)):
-            raise SatDistError(f"weights: writing {name} into the ZeRO-3 partitions did not take "
-                               f"(DeepSpeed {deepspeed.__version__}); please report this")

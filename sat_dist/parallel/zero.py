@@ -1,0 +1,186 @@
+"""Every access to DeepSpeed's parameter and optimizer state, in one place.
+
+Under ZeRO-3 a parameter's data is partitioned over its data-parallel group (p.ds_shape is
+its TP-local shape, p.shape is empty); under ZeRO-1/2 the fp32 master weights and Adam
+moments are partitioned flat. This module reads and writes them whole, per parameter, by
+DeepSpeed's public helpers where it has them. Functions that gather or scatter are
+collectives over the DP group: every DP rank must call them, in the same order.
+Used by sat_dist.train.engine (weights in) and sat_dist.checkpoint.state (save, resume).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from sat_dist.errors import SatDistError
+from sat_dist.parallel.comm import ParallelComm
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+"""Adam's per-parameter state keys."""
+
+
+def unique_params(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) once each (a tied LM head shares the embedding's)."""
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, p
+
+
+def local_shape(p: torch.nn.Parameter, stage3: bool) -> tuple[int, ...]:
+    """The parameter's TP-local shape (not its ZeRO-3 partition's)."""
+    return tuple(p.ds_shape if stage3 else p.shape)
+
+
+def full_fp32(p: torch.nn.Parameter, stage3: bool) -> torch.Tensor:
+    """The fp32 master copy of p, whole (gathered over DP). Collective."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(p)
+    if full is None:  # no ZeRO partitioning of this parameter: p is its own master
+        return p.detach()
+    return full.reshape(p.ds_shape if stage3 else p.shape)
+
+
+def set_full_fp32(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set the fp32 master copy of p from its whole (TP-local) value."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(p, value.to(torch.float32).to(p.device))
+
+
+def full_moment(optimizer, p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
+    """Adam moment `key` of p, whole; None before the first optimizer step. Collective."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if adam_step(optimizer) is None:
+        return None  # no optimizer step yet: the moments do not exist
+    full = safe_get_full_optimizer_state(p, key)
+    if full is None:
+        state = _inner(optimizer).state.get(p, {})
+        full = state.get(key)
+    return None if full is None else full.reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+
+
+def set_full_moment(optimizer, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+    """Set Adam moment `key` of p from its whole value (call ensure_adam_state first)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        safe_set_full_optimizer_state(p, value.to(torch.float32).to(p.device), key)
+    else:
+        _inner(optimizer).state[p][key].copy_(value)
+
+
+def _inner(optimizer):
+    """The torch optimizer under DeepSpeed's ZeRO wrapper (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def adam_step(optimizer) -> Optional[int]:
+    """Adam's step count; None before the first step."""
+    for state in _inner(optimizer).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return None
+
+
+def ensure_adam_state(optimizer, step: Optional[int]) -> None:
+    """Create the (lazily made) Adam state at `step`, so that saved moments can be written into it."""
+    if step is None:
+        return
+    inner = _inner(optimizer)
+    # The tensors Adam steps: ZeRO-3's and ZeRO-1/2's flat fp32 partitions, else the params.
+    flats = getattr(optimizer, "fp32_partitioned_groups_flat", None) or \
+        getattr(optimizer, "single_partition_of_fp32_groups", None) or \
+        [p for group in inner.param_groups for p in group["params"]]
+    for p in flats:
+        st = inner.state[p]
+        for key in MOMENTS:
+            if key not in st:
+                st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        old = st.get("step")
+        st["step"] = torch.tensor(float(step)) if old is None or torch.is_tensor(old) else step
+
+
+@torch.no_grad()
+def load_local_weights(model: torch.nn.Module, local: Optional[dict[str, torch.Tensor]], comm: ParallelComm,
+                       stage3: bool) -> None:
+    """Write a TP rank's local tensors into the (possibly ZeRO-3 partitioned) model. Under
+    ZeRO-3, ranks other than DP rank 0 pass None: they only take part in the collectives."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(local)) if local is not None else []
+    if missing:
+        raise SatDistError(f"weights: missing {missing[0]} (and {len(missing) - 1} more)")
+    for name, p in params.items():
+        write_local_weight(p, name, None if local is None else local[name], comm, stage3)
+
+
+@torch.no_grad()
+def write_local_weight(p: torch.nn.Parameter, name: str, value: Optional[torch.Tensor], comm: ParallelComm,
+                       stage3: bool) -> None:
+    """Write one parameter's TP-local tensor; a collective over the DP group under ZeRO-3,
+    where only DP rank 0 needs the value (the others may pass None)."""
+    import deepspeed
+
+    shape = local_shape(p, stage3)
+    if value is not None and tuple(value.shape) != shape:
+        raise SatDistError(f"weights: {name} has shape {tuple(value.shape)}, the model expects {shape}")
+    # DeepSpeed 0.19 reads modifier_rank as a rank WITHIN the parameter's DP group (it maps
+    # it to a global rank itself); older notes say global. Either way a wrong reading drops
+    # or scrambles the write silently, so the write is read back and checked.
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=stage3):
+        if not stage3 or comm.dp_rank == 0:
+            p.copy_(value.to(p.dtype))
+    with deepspeed.zero.GatheredParameters([p], enabled=stage3):
+        if value is not None and not torch.equal(p.detach().cpu(), value.to(p.dtype)):
+            raise SatDistError(f"weights: writing {name} into the ZeRO-3 partitions did not take "
+                               f"(DeepSpeed {deepspeed.__version__}); please report this")
+
+
+def gather_param_state(optimizer, p: torch.nn.Parameter, stage3: bool) -> dict[str, Optional[torch.Tensor]]:
+    """{"param": fp32 master, each of MOMENTS: Adam moment or None}, whole (TP-local, gathered
+    over DP). Collective: every DP rank calls it for every parameter, in the same order."""
+    state = {"param": full_fp32(p, stage3)}
+    for key in MOMENTS:
+        state[key] = full_moment(optimizer, p, key)
+    return state
+
+
+def write_param_state(optimizer, p: torch.nn.Parameter, name: str, state: dict[str, torch.Tensor],
+                      comm: ParallelComm, stage3: bool) -> None:
+    """Write a parameter's whole TP-local weight (into the model and the fp32 master) and its
+    Adam moments (those in `state`); the inverse of gather_param_state. Collective."""
+    write_local_weight(p, name, state["param"], comm, stage3)
+    set_full_fp32(p, state["param"])
+    for key in MOMENTS:
+        if key in state:
+            set_full_moment(optimizer, p, key, state[key])
+
+
+def engine_counters(engine) -> dict:
+    """What a resume needs of the DeepSpeed engine beyond the parameters: Adam's step, the LR
+    schedule's state and the count of skipped (non-finite) steps."""
+    return {
+        "optimizer_step": adam_step(engine.optimizer),
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+    }
+
+
+def restore_engine_counters(engine, iteration: int, consumed_samples: int, lr_scheduler: Optional[dict],
+                            skipped_steps: int) -> None:
+    """Set the engine's step and sample counters and LR schedule (as engine_counters saved them)."""
+    if engine.lr_scheduler is not None and lr_scheduler:
+        sched = engine.lr_scheduler
+        sched.load_state_dict(lr_scheduler)
+        # load_state_dict restores the schedule's position but not the learning rate the
+        # optimizer uses for its next step; without this the first resumed step is off.
+        for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+            group["lr"] = lr
+    engine.global_steps = iteration
+    engine.global_samples = consumed_samples
+    engine.skipped_steps = skipped_steps
