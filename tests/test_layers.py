@@ -5,7 +5,7 @@ launch (errors and faults are below everything; data sits beside sat)."""
 import ast
 from pathlib import Path
 
-from tests.launchers import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 LEVEL = {"sat_dist.errors": 0, "sat_dist.faults": 0, "sat_dist.config": 1, "sat_dist.data": 2, "sat_dist.sat": 2,
          # The hooks the model is written against (identities at TP=1; imports only sat): an
