@@ -15,7 +15,9 @@ def _flags(corpus, **over):
     f = {"model-config": "tiny-test", "data-path": corpus["data"], "tokenizer-model": corpus["tok"],
          "seq-length": 64, "micro-batch-size": 2, "global-batch-size": 8, "train-iters": 6,
          "log-interval": 1, "sat-align-mlp": 16, "sat-token-stride": 1, "split": "90,10,0",
-         "eval-iters": 2, "ds_config": str(REPO / "configs" / "ds_zero3.json")}
+         "eval-iters": 2, "ds_config": str(REPO / "configs" / "ds_zero3.json"),
+         # the SAT settings the tests were written for, whatever the project's defaults are
+         "sat-metric": "maxip", "sat-selection": "sampling", "sat-omission-attn": 0.3, "sat-omission-mlp": 0.3}
     f.update(over)
     out = []
     for k, v in f.items():

@@ -108,7 +108,7 @@ LADDER = (0.3, 0.225, 0.15, 0.075)  # the default ladder: r = 0.3, 3 rungs
     ("tiny-test mlp", 128, 16, "mlp", [96, 96, 112, 112]),  # no distinct choice within one step
 ])
 def test_ladder_keep_counts_by_hand(what, n, align, kind, expect):
-    cfg = SATConfig().validate()
+    cfg = SATConfig(omission_attn=0.3, omission_mlp=0.3).validate()
     assert [keep_count(n, r, align, cfg, kind) for r in LADDER] == expect, what
     assert keep_count(n, 0.0, align, cfg, kind) == n
 
