@@ -28,11 +28,16 @@ from sat_dist.train.lr import lr_at
 DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 3}}
 
 
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 when it has no zero_optimization)."""
+    return ds.get("zero_optimization", {}).get("stage", 0)
+
+
 def load_ds_config(path: Optional[str]) -> dict:
     if path is None:
         return copy.deepcopy(DEFAULT_DS_CONFIG)
     cfg = read_json_object(path, "--ds_config")
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(cfg)
     if stage not in (0, 1, 2, 3):
         raise SatDistError(f"--ds_config {path}: zero_optimization.stage: got {stage!r}; allowed: 0, 1, 2, 3")
     return cfg
@@ -96,12 +101,40 @@ def fill_ds_config(ds: dict, t: TrainConfig, dp_size: int, where: str) -> dict:
 @dataclass
 class Engine:
     engine: object
-    """The DeepSpeedEngine (call it like the model; .backward, .step)."""
+    """The DeepSpeedEngine (the methods below are what the training loop uses of it)."""
     model: LlamaModel
     """The module inside the engine."""
     sat: SATState
     ds_config: dict
     grad_accum: int
+
+    @property
+    def stage3(self) -> bool:
+        """ZeRO-3: parameters are partitioned over the DP group (gathered for use)."""
+        return zero_stage(self.ds_config) == 3
+
+    def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token loss of one micro-batch (the model's forward through the engine)."""
+        return self.engine(ids, labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the micro-batch's gradient (DeepSpeed scales it by 1 / grad_accum)."""
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """DeepSpeed's step: the optimizer and LR schedule step at the accumulation boundary."""
+        self.engine.step()
+
+    def grad_norm(self) -> Optional[float]:
+        """Global gradient norm of the last optimizer step (None before the first)."""
+        return self.engine.get_global_grad_norm()
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def train(self, mode: bool = True) -> None:
+        """Training (True) or evaluation (False) mode of the model."""
+        self.engine.train(mode)
 
 
 def deepspeed_config(t: TrainConfig, dp_size: int) -> dict:
@@ -124,7 +157,7 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     ds = deepspeed_config(t, comm.dp_size)
     sat = SATState(sat_cfg if sat_cfg.schedule != "dense" else None, comm)  # dense: SAT off
     check_tensor_parallel(model_cfg, comm.tp_size, sat.align("mlp"))
-    stage3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
+    stage3 = zero_stage(ds) == 3
     # Same seed on every DP replica of a TP partition (ZeRO-3 keeps one rank's init); a
     # different one per TP rank so that shards are not copies of each other.
     torch.manual_seed(t.seed + 1009 * comm.tp_rank)

@@ -99,15 +99,15 @@ def evaluate(eng: Engine, valid: PackedDataset, run: RunConfig, comm: ParallelCo
     (default --eval-iters) micro-batches of every DP rank."""
     t = run.train
     dev = _device()
-    eng.engine.eval()
+    eng.train(False)
     eng.sat.set_step(0, 0, 0.0, 0.0)
     total = torch.zeros((), device=dev)
     gbs = (micro_batches or t.eval_iters) * t.micro_batch_size * comm.dp_size
     n = 0
     for ids, labels in valid.step_batches(0, gbs, t.micro_batch_size, comm.dp_rank, comm.dp_size):
-        total += eng.engine(ids.to(dev), labels.to(dev)).float().mean()
+        total += eng(ids.to(dev), labels.to(dev)).float().mean()
         n += 1
-    eng.engine.train()
+    eng.train()
     return float(_mean_over_dp(total / n, comm))
 
 
@@ -122,7 +122,6 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.dev = _device()
         self.gbs = eng.ds_config["train_batch_size"]
-        self.stage3 = eng.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
         self.schedule = OmissionSchedule(run.sat, t.train_iters)
         self.train_ds = datasets["train"]
         # "valid" (the split's, or a bare --valid-data-path prefix) logs as `lm loss
@@ -138,7 +137,7 @@ class Trainer:
 
     def resume(self, tag: str, manifest: dict) -> None:
         restore_checkpoint(self.eng.engine, self.eng.model, self.t.load, tag, manifest, self.comm,
-                           self.model_cfg, self.stage3)
+                           self.model_cfg, self.eng.stage3)
         self.p.iteration, self.p.consumed_samples = manifest["iteration"], manifest["consumed_samples"]
         self._saved_at = self.p.iteration
         self.schedule.load_state_dict(manifest["sat_schedule"])  # equal to the flags' (check_resume)
@@ -223,9 +222,9 @@ class Trainer:
                 p.consumed_samples, self.gbs, t.micro_batch_size, self.comm.dp_rank, self.comm.dp_size)):
             eng.sat.set_step(p.iteration, micro, attn_rate, mlp_rate)
             self._check_token_ids(labels)
-            loss = eng.engine(ids.to(self.dev), labels.to(self.dev)).float().mean()
-            eng.engine.backward(loss)
-            eng.engine.step()
+            loss = eng(ids.to(self.dev), labels.to(self.dev)).float().mean()
+            eng.backward(loss)
+            eng.step()
             loss_sum += loss.detach()
         p.iteration += 1
         p.consumed_samples += self.gbs
@@ -234,14 +233,14 @@ class Trainer:
         # gradient norm. TP ranks hold equal losses, so the mean over all ranks is the mean
         # over DP; every rank holds the same (global) gradient norm.
         world = dist.get_world_size()
-        gn = eng.engine.get_global_grad_norm()
+        gn = eng.grad_norm()
         gn = torch.as_tensor(float("nan") if gn is None else gn, dtype=torch.float32, device=self.dev)
         stop = torch.tensor(float(preemption.received is not None), device=self.dev)
         stats = torch.stack([loss_sum / eng.grad_accum, stop, gn.reshape(()) / world])
         dist.all_reduce(stats)
         loss_total, stop_votes, gn = stats.tolist()
         loss = loss_total / world
-        scalars = {"lm loss": loss, "learning-rate": eng.engine.get_lr()[0], "grad-norm": gn,
+        scalars = {"lm loss": loss, "learning-rate": eng.lr(), "grad-norm": gn,
                    "sat/omission-rate-attn": attn_rate, "sat/omission-rate-mlp": mlp_rate}
         # ZeRO's step discards an update whose gradient norm is NaN/Inf (DeepSpeed 0.19); here
         # it is counted, and a run that keeps diverging stops before it can save garbage.
@@ -341,7 +340,7 @@ class Trainer:
                 self.log(f"not saving at iteration {p.iteration}: {p.skipped_in_row} non-finite step(s) in a row")
             return
         save_checkpoint(self.eng.engine, self.eng.model, self.t.save, p.iteration, p.consumed_samples,
-                        self.comm, self.model_cfg, self.schedule.state_dict(), self.stage3,
+                        self.comm, self.model_cfg, self.schedule.state_dict(), self.eng.stage3,
                         run_definition(self.run_cfg, self.model_cfg))
         self._saved_at = p.iteration
         if self.rank0:
