@@ -1,16 +1,29 @@
-"""Configuration dataclasses: one validation path, one error style.
+"""Configuration dataclasses: SAT, model shape and training run; one validation path each.
 
-Every `validate()` raises `SatDistError` with a message of the form
-`<section>.<field>: got <value>; allowed: <what is allowed>`.
+Every `validate()` checks its dataclass and returns it, or raises `SatDistError` with a
+message of the form `<section>.<field>: got <value>; allowed: <what is allowed>`. The
+training run's fields are command-line flags, so there the section and field are the flag
+(`--min-lr: got ...`); the `--sat-*` flags and the run definition are derived from
+SATConfig's fields (sat_dist.train.arguments).
+
+The named model configs (`--model-config tiny`, ...) are JSON files shipped inside the
+package, in MODEL_CONFIG_DIR (sat_dist/model_configs/; configs/model/ in a checkout is a
+link to it).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import json
 import math
+import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from sat_dist.errors import SatDistError, fail_field
 
@@ -18,6 +31,8 @@ METRICS = ("maxip", "wanda", "magnitude", "random", "activation")
 SELECTIONS = ("sampling", "topk")
 SCHEDULES = ("ladder", "constant", "dense")
 GRANULARITIES = ("step", "micro-batch")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
 
 @dataclass
@@ -25,7 +40,7 @@ class SATConfig:
     """Settings of Sparsity-Accelerated Training (see docs/SAT.md)."""
 
     metric: str = "maxip"
-    """Importance metric of a unit: maxip (default), wanda, magnitude or random."""
+    """Importance metric of a unit: maxip, wanda, activation, magnitude or random."""
 
     selection: str = "sampling"
     """How kept units are chosen from the scores: sampling (temperature, without
@@ -53,11 +68,11 @@ class SATConfig:
     """Ladder: fraction of the run at the end trained dense."""
 
     align_mlp: int = 128
-    """Kept MLP channels per TP partition are rounded down to a multiple of this (tensor
-    core tiles: an unaligned keep count can run slower than dense)."""
+    """Kept MLP channels per TP partition are rounded to the nearest multiple of this
+    (tensor core tiles: an unaligned keep count can run slower than dense)."""
 
     align_attn: int = 1
-    """Kept attention units per TP partition are rounded down to a multiple of this."""
+    """Kept attention units per TP partition are rounded to the nearest multiple of this."""
 
     token_stride: int = 8
     """Importance is computed on every token_stride-th token of the micro-batch, to bound
@@ -71,16 +86,16 @@ class SATConfig:
     first micro-batch, reused by every micro-batch and by activation recompute) or afresh
     for every micro-batch ("micro-batch"). See docs/SAT.md for what each guarantees."""
 
+    @property
+    def enabled(self) -> bool:
+        """False for the dense schedule: SAT is off (no scoring, no keep-count alignment)."""
+        return self.schedule != "dense"
+
     def validate(self) -> "SATConfig":
         s = "sat"
-        if self.metric not in METRICS:
-            raise fail_field(s, "metric", self.metric, ", ".join(METRICS))
-        if self.selection not in SELECTIONS:
-            raise fail_field(s, "selection", self.selection, ", ".join(SELECTIONS))
-        if self.schedule not in SCHEDULES:
-            raise fail_field(s, "schedule", self.schedule, ", ".join(SCHEDULES))
-        if self.granularity not in GRANULARITIES:
-            raise fail_field(s, "granularity", self.granularity, ", ".join(GRANULARITIES))
+        for name, allowed in SAT_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise fail_field(s, name, getattr(self, name), ", ".join(allowed))
         if not _is_number(self.temperature) or not self.temperature > 0 or math.isinf(self.temperature):
             raise fail_field(s, "temperature", self.temperature, "a finite number > 0")
         for name in ("omission_mlp", "omission_attn"):
@@ -103,6 +118,10 @@ class SATConfig:
         if not _is_int(self.seed) or self.seed < 0:
             raise fail_field(s, "seed", self.seed, "an integer >= 0")
         return self
+
+
+SAT_CHOICES = {"metric": METRICS, "selection": SELECTIONS, "schedule": SCHEDULES, "granularity": GRANULARITIES}
+"""The SATConfig fields that take one of a fixed set of values (their --sat-* flags' choices)."""
 
 
 @dataclass
@@ -188,6 +207,179 @@ class ModelConfig:
         return cls(**load_fields(path, cls, "model config")).validate()
 
 
+def model_config_path(name: str) -> Path:
+    """--model-config NAME: a JSON path, or the name of a config in MODEL_CONFIG_DIR."""
+    p = Path(name)
+    if p.suffix == ".json" or p.exists():
+        if not p.is_file():
+            raise SatDistError(f"--model-config {name}: file not found")
+        return p
+    cand = MODEL_CONFIG_DIR / f"{name}.json"
+    if not cand.is_file():
+        known = sorted(f.stem for f in MODEL_CONFIG_DIR.glob("*.json"))
+        raise SatDistError(f"--model-config {name}: unknown model; allowed: {', '.join(known)} or a JSON path")
+    return cand
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the training run (model and SAT settings live in their own configs)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size; the data-parallel size is world_size / this."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward on one rank."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all DP ranks (default: micro_batch_size x DP size);
+    gradient accumulation = global / (micro x DP)."""
+    seq_length: int = 256
+    """Tokens per sample."""
+    train_iters: int = 80
+    """Optimizer steps of the whole run (the SAT schedule spans these)."""
+    lr: float = 6e-4
+    """Peak learning rate."""
+    min_lr: float = 6e-5
+    """Final learning rate of the decay."""
+    lr_warmup_iters: int = 10
+    """Linear warmup steps from 0 to lr."""
+    lr_decay_style: str = "cosine"
+    """cosine, linear or constant after warmup."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping (0 disables)."""
+    bf16: bool = False
+    """Train in bf16 (DeepSpeed bf16 mode; fp32 master weights)."""
+    recompute_activations: bool = False
+    """Recompute each layer's activations in backward (less memory, ~1/3 more compute)."""
+    data_path: Optional[str] = None
+    """Prefix of a megatron indexed dataset (PREFIX.bin/.idx); None runs the embedded default."""
+    split: str = "969,30,1"
+    """Train/valid/test weights."""
+    valid_data_path: Optional[list[str]] = None
+    """Validation sets of their own, NAME=PREFIX each (a bare PREFIX replaces the split's
+    validation set); each is read whole and logged as `lm loss validation/NAME`."""
+    tokenizer_model: Optional[str] = None
+    """SentencePiece tokenizer.model or HF tokenizer.json (its EOS separates documents)."""
+    load: Optional[str] = None
+    """Checkpoint directory to resume from (its `latest`)."""
+    save: Optional[str] = None
+    """Checkpoint directory to save to."""
+    save_interval: int = 0
+    """Save every this many steps (0: only at the end)."""
+    eval_interval: int = 0
+    """Validate every this many steps (0: only at the end)."""
+    eval_iters: int = 4
+    """Validation micro-batches per evaluation."""
+    tensorboard_dir: Optional[str] = None
+    """Where rank 0 writes TensorBoard events."""
+    log_interval: int = 5
+    """Console log every this many steps."""
+    seed: int = 1234
+    """Seed of initialisation, data order and SAT selection."""
+    model_config: Optional[str] = None
+    """A model config shipped in sat_dist/model_configs/ (configs/model/ in a checkout), by
+    name, or a path to a model JSON (default: tiny, or the shape of --hf-checkpoint; given
+    with it, the two must agree)."""
+    hf_checkpoint: Optional[str] = None
+    """HF Llama directory with the initial weights (continual pre-training)."""
+    ds_config: Optional[str] = None
+    """DeepSpeed JSON config (ZeRO stage, offload); batch/clip/bf16/optimizer come from flags."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many non-finite (NaN/Inf) steps in a row; each one is skipped."""
+    exit_interval: int = 0
+    """Stop (after saving) at this iteration; 0: run to train_iters. For tests and tooling."""
+    skip_train: bool = False
+    """Only evaluate the validation sets (of the loaded or imported model) and exit: no
+    training step, nothing saved (Megatron's --skip-train)."""
+
+    def validate(self) -> "TrainConfig":
+        """Errors name the flag: `--<flag>: got <value>; allowed: ...` (or what to do)."""
+        def positive(name, v, zero_ok=False):
+            if v is None or v < (0 if zero_ok else 1):
+                flag = "--" + name.replace("_", "-")
+                raise SatDistError(f"{flag}: got {v}; allowed: an integer >= {0 if zero_ok else 1}")
+
+        for name in ("tensor_model_parallel_size", "micro_batch_size", "seq_length", "train_iters",
+                     "eval_iters", "log_interval", "max_nonfinite_steps"):
+            positive(name, getattr(self, name))
+        for name in ("lr_warmup_iters", "save_interval", "eval_interval", "exit_interval"):
+            positive(name, getattr(self, name), zero_ok=True)
+        if self.global_batch_size is not None:
+            positive("global_batch_size", self.global_batch_size)
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
+            v = getattr(self, name)
+            if not v >= 0:
+                raise SatDistError(f"--{name.replace('_', '-')}: got {v}; allowed: a number >= 0")
+        if self.min_lr > self.lr:
+            raise SatDistError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}; lower --min-lr")
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise SatDistError(f"--{name.replace('_', '-')}: got {v}; allowed: a number in [0, 1)")
+        if self.data_path is not None and self.tokenizer_model is None:
+            raise SatDistError("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
+        if self.skip_train and not self.valid_data_path and not self.data_path:
+            raise SatDistError("--skip-train evaluates the validation sets: give --valid-data-path (or "
+                               "--data-path with a validation share in --split)")
+        if self.valid_data_path:
+            valid_data_sets(self.valid_data_path)
+            if self.data_path is None:
+                raise SatDistError("--valid-data-path needs --data-path and --tokenizer-model: the sets are "
+                                   "read with the run's tokenizer")
+        return self
+
+
+_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def valid_data_sets(entries: Optional[list[str]]) -> dict[str, str]:
+    """--valid-data-path entries -> {"valid/NAME": PREFIX}; a bare PREFIX -> {"valid": PREFIX}
+    (Megatron's meaning of the flag: the run's validation set). Malformed entries are refused
+    here; missing files when the sets are opened."""
+    out: dict[str, str] = {}
+    fix = "write NAME=PREFIX, e.g. code=/data/code_text_document"
+    for entry in entries or []:
+        name, eq, prefix = entry.partition("=")
+        if not eq:
+            name, prefix = None, entry
+        elif not name:
+            raise SatDistError(f"--valid-data-path {entry!r}: empty name before '='; {fix}")
+        elif not prefix:
+            raise SatDistError(f"--valid-data-path {entry!r}: no dataset prefix after '='; {fix}")
+        elif not _SET_NAME.fullmatch(name):
+            raise SatDistError(f"--valid-data-path {entry!r}: name {name!r} may hold only letters, digits, "
+                               f"'_', '-' and '.' (it becomes a TensorBoard tag)")
+        key = "valid" if name is None else f"valid/{name}"
+        if key in out:
+            what = "two prefixes without a name" if name is None else f"the name {name!r} twice"
+            raise SatDistError(f"--valid-data-path: got {what} ({out[key]}, {prefix}); give each set its own NAME=")
+        out[key] = prefix
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """{field name: its docstring, whitespace folded} of a config dataclass, read from its
+    source; empty when the source is not available (the docstrings are help texts only)."""
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return {}
+    out = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
 def read_json_object(path: str | Path, what: str) -> dict:
     """A JSON object from `path`; a missing file or bad JSON is one clear error naming `what`."""
     path = Path(path)
@@ -220,5 +412,6 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
-__all__ = ["SATConfig", "ModelConfig", "METRICS", "SELECTIONS", "SCHEDULES", "GRANULARITIES", "load_fields",
-           "read_json_object"]
+__all__ = ["SATConfig", "ModelConfig", "TrainConfig", "METRICS", "SELECTIONS", "SCHEDULES", "GRANULARITIES",
+           "LR_DECAY_STYLES", "SAT_CHOICES", "MODEL_CONFIG_DIR", "model_config_path", "valid_data_sets", "field_docs",
+           "load_fields", "read_json_object"]
