@@ -201,6 +201,14 @@ def test_schedule_state_round_trip():
         b.load_state_dict({"total_steps": 3})
 
 
+def test_schedule_state_leaves_the_shared_config_alone():
+    shared = SATConfig(omission_mlp=0.3).validate()  # also the model's SATState's
+    b = OmissionSchedule(shared, 7)
+    b.load_state_dict(OmissionSchedule(SATConfig(omission_mlp=0.5).validate(), 50).state_dict())
+    assert b.cfg.omission_mlp == 0.5 and b.total_steps == 50
+    assert shared == SATConfig(omission_mlp=0.3).validate()
+
+
 # ---------------------------------------------------------------- importance
 H, F, PLANT = 16, 12, 7
 

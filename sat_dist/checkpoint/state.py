@@ -6,8 +6,11 @@ A checkpoint directory:
     state_tp00_dp000.pt ..   each rank's share of its TP partition's full (DP-gathered) fp32
                              weights and Adam moments, by parameter name, plus its RNG state
     sat_dist.json            the manifest: iteration, consumed samples, layout, which file
-                             holds which parameter, Adam step, LR schedule, SAT schedule,
-                             model; written last, so a save killed midway is never resumed
+                             holds which parameter, Adam step, LR scheduler state, model, and
+                             the run definition (the LR and SAT schedules and the data order,
+                             by flag name); written last, so a save killed midway is never
+                             resumed. (Manifests written before this version also hold the SAT
+                             schedule a second time, as "sat_schedule"; it is not read.)
 
 The state is stored per parameter in the model's own layout rather than as DeepSpeed's flat
 ZeRO partitions, so a checkpoint resumes at any TP x DP layout (sat_dist.checkpoint.reshard)
@@ -94,9 +97,9 @@ def check_save_dir(save: Optional[str], load: Optional[str]) -> None:
 
 
 def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_samples: int,
-                    comm: ParallelComm, model_cfg: ModelConfig, sat_schedule: dict, stage3: bool,
-                    definition: dict) -> Path:
-    """Collective over all ranks."""
+                    comm: ParallelComm, model_cfg: ModelConfig, stage3: bool, definition: dict) -> Path:
+    """Collective over all ranks. `definition`: the run definition (the settings a resume
+    must share, sat_dist.train.arguments.run_definition), checked by check_resume."""
     d = Path(ckpt_dir)
     tag = tag_of(iteration)
     rank = dist.get_rank()
@@ -131,7 +134,6 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
             "lr_scheduler": counters["lr_scheduler"],
             "skipped_steps": counters["skipped_steps"],
             "model": model_cfg.__dict__,
-            "sat_schedule": sat_schedule,
             "run_definition": definition,
         }
         _atomic_write(d / tag / MANIFEST, json.dumps(manifest, indent=2, default=_json_default) + "\n")

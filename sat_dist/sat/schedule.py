@@ -10,6 +10,7 @@ fractions (dense_fraction 0 and sparse_fraction 1 included): the run ends with t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -99,13 +100,11 @@ class OmissionSchedule:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a saved schedule. Rates are a pure function of the step, so the state is
-        the schedule's definition; a resumed run keeps the saved one (and says so if the
-        flags asked for another)."""
+        """Take a saved schedule. Rates are a pure function of the step, so the state is the
+        schedule's definition. The schedule gets its own copy of the SAT config: the one it
+        was built with (shared with the model's SATState) is left as it is."""
         mine = self.state_dict()
         if set(state) != set(mine):
             raise SatDistError(f"SAT schedule state: keys {sorted(state)}; expected {sorted(mine)}")
         self.total_steps = int(state["total_steps"])
-        for k in mine:
-            if k != "total_steps":
-                setattr(self.cfg, k, state[k])
+        self.cfg = dataclasses.replace(self.cfg, **{k: state[k] for k in mine if k != "total_steps"})

@@ -140,7 +140,7 @@ class Trainer:
                            self.model_cfg, self.eng.stage3)
         self.p.iteration, self.p.consumed_samples = manifest["iteration"], manifest["consumed_samples"]
         self._saved_at = self.p.iteration
-        self.schedule.load_state_dict(manifest["sat_schedule"])  # equal to the flags' (check_resume)
+        # The SAT schedule is the flags' own: check_resume found them equal to the checkpoint's.
         if self.rank0:
             layout = (f"TP {manifest['tensor_model_parallel_size']} x DP {manifest['data_parallel_size']}"
                       f" -> TP {self.comm.tp_size} x DP {self.comm.dp_size}")
@@ -340,8 +340,7 @@ class Trainer:
                 self.log(f"not saving at iteration {p.iteration}: {p.skipped_in_row} non-finite step(s) in a row")
             return
         save_checkpoint(self.eng.engine, self.eng.model, self.t.save, p.iteration, p.consumed_samples,
-                        self.comm, self.model_cfg, self.schedule.state_dict(), self.eng.stage3,
-                        run_definition(self.run_cfg, self.model_cfg))
+                        self.comm, self.model_cfg, self.eng.stage3, run_definition(self.run_cfg, self.model_cfg))
         self._saved_at = p.iteration
         if self.rank0:
             self.log(f"saved checkpoint at iteration {p.iteration} to {self.t.save}")
