@@ -1,5 +1,6 @@
-"""A catalog of malformed inputs to launch/pretrain.py: each gives exactly one line on stderr
-naming the problem, a non-zero exit, no traceback, and leaves everything on disk as it was.
+"""A catalog of malformed inputs to the training entry point (sat_dist.train.main, which
+launch/pretrain.py runs): each gives exactly one line on stderr naming the problem, a
+non-zero exit, no traceback, and leaves everything on disk as it was.
 
 (A full disk during a save is in test_faults.py; damaged indexed files and tokenizers are also
 covered at the library level in test_data.py.)
@@ -7,7 +8,6 @@ covered at the library level in test_data.py.)
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +16,6 @@ from safetensors.torch import load_file, save_file
 
 from sat_dist.data.indexed import IndexedDatasetWriter
 from tests.launchers import REPO, digest
-
-sys.path.insert(0, str(REPO / "launch"))
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +191,7 @@ CASES = [
 
 
 def test_catalog_of_bad_inputs(ws, capsys):
-    from pretrain import main
+    from sat_dist.train.main import main
 
     assert len(CASES) >= 25
     before = digest(ws)

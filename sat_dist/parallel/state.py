@@ -28,15 +28,26 @@ def init_distributed(tp_size: int) -> ParallelComm:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
-    world = dist.get_world_size()
-    if tp_size < 1 or world % tp_size:
-        raise SatDistError(f"--tensor-model-parallel-size {tp_size} does not divide the world size {world}; "
-                           f"launch a multiple of {tp_size} processes")
+    data_parallel_size(dist.get_world_size(), tp_size)
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp_size)
     return comm_from_parallel_state()
+
+
+def launch_world_size() -> int:
+    """The number of processes launched (WORLD_SIZE from torchrun or deepspeed, SLURM_NTASKS
+    from srun, 1 without a launcher), read before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def data_parallel_size(world: int, tp_size: int) -> int:
+    """world / TP; one clear error when TP does not divide the world size."""
+    if tp_size < 1 or world % tp_size:
+        raise SatDistError(f"--tensor-model-parallel-size {tp_size} does not divide the world size {world}; "
+                           f"launch a multiple of {tp_size} processes")
+    return world // tp_size
 
 
 def comm_from_parallel_state() -> ParallelComm:

@@ -51,7 +51,7 @@ class OmissionSchedule:
     def fraction(self, step: int) -> float:
         """Multiplier in [0, 1] of the sparse-stage rates at `step`."""
         cfg, T = self.cfg, self.total_steps
-        if cfg.schedule == "dense":
+        if not cfg.enabled:
             return 0.0
         if cfg.schedule == "constant":
             return 1.0

@@ -14,15 +14,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from sat_dist.config import ModelConfig, SATConfig, read_json_object
+from sat_dist.config import ModelConfig, SATConfig, TrainConfig, read_json_object
 from sat_dist.errors import SatDistError
 from sat_dist.model.layout import layout_of
-from sat_dist.model.llama import LlamaModel, check_tensor_parallel
+from sat_dist.model.llama import LlamaModel
 from sat_dist.model.sat_state import SATState
 from sat_dist.parallel.comm import ParallelComm
 from sat_dist.parallel.state import MegatronMPU
 from sat_dist.parallel.zero import load_local_weights
-from sat_dist.train.arguments import TrainConfig
 from sat_dist.train.lr import lr_at
 
 DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 3}}
@@ -143,7 +142,9 @@ def deepspeed_config(t: TrainConfig, dp_size: int) -> dict:
 
 
 def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, comm: ParallelComm,
-                 hf_state_dict: Optional[dict] = None) -> Engine:
+                 hf_state_dict: Optional[dict] = None, ds_config: Optional[dict] = None) -> Engine:
+    """The model (SAT off for the dense schedule) inside DeepSpeed. `ds_config`: the run's
+    DeepSpeed config when the caller has made it already (deepspeed_config)."""
     import deepspeed
 
     # On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce for inference at its first
@@ -154,9 +155,8 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     # DeepSpeed's own comm layer must wrap the process group we made, or its config code
     # silently falls back to a world size of 1.
     deepspeed.init_distributed(dist_backend=dist.get_backend())
-    ds = deepspeed_config(t, comm.dp_size)
-    sat = SATState(sat_cfg if sat_cfg.schedule != "dense" else None, comm)  # dense: SAT off
-    check_tensor_parallel(model_cfg, comm.tp_size, sat.align("mlp"))
+    ds = ds_config if ds_config is not None else deepspeed_config(t, comm.dp_size)
+    sat = SATState(sat_cfg if sat_cfg.enabled else None, comm)
     stage3 = zero_stage(ds) == 3
     # Same seed on every DP replica of a TP partition (ZeRO-3 keeps one rank's init); a
     # different one per TP rank so that shards are not copies of each other.

@@ -116,9 +116,11 @@ class Trainer:
     --train-iters (or --exit-interval), or until preempted."""
 
     def __init__(self, run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
-                 datasets: dict[str, PackedDataset], log=print):
+                 datasets: dict[str, PackedDataset], log=print, definition: Optional[dict] = None):
         t = self.t = run.train
         self.run_cfg, self.eng, self.comm, self.model_cfg, self.log = run, eng, comm, model_cfg, log
+        # What every checkpoint records for check_resume (the caller may have made it already).
+        self.definition = definition if definition is not None else run_definition(run, model_cfg)
         self.rank0 = dist.get_rank() == 0
         self.dev = _device()
         self.gbs = eng.ds_config["train_batch_size"]
@@ -199,7 +201,7 @@ class Trainer:
     def _describe(self) -> None:
         """Start-up lines: the keep counts SAT will really use, and what each validation
         set evaluates."""
-        if self.run_cfg.sat.schedule != "dense":
+        if self.run_cfg.sat.enabled:
             self.log(keep_counts_line(self.schedule, self.model_cfg, self.comm.tp_size))
         t = self.t
         for key, (ds, iters) in self.valid_sets.items():
@@ -340,7 +342,7 @@ class Trainer:
                 self.log(f"not saving at iteration {p.iteration}: {p.skipped_in_row} non-finite step(s) in a row")
             return
         save_checkpoint(self.eng.engine, self.eng.model, self.t.save, p.iteration, p.consumed_samples,
-                        self.comm, self.model_cfg, self.eng.stage3, run_definition(self.run_cfg, self.model_cfg))
+                        self.comm, self.model_cfg, self.eng.stage3, self.definition)
         self._saved_at = p.iteration
         if self.rank0:
             self.log(f"saved checkpoint at iteration {p.iteration} to {self.t.save}")
@@ -348,9 +350,10 @@ class Trainer:
 
 def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
           datasets: dict[str, PackedDataset], resume: Optional[tuple[str, dict]] = None,
-          log=print) -> Progress:
-    """Train; `resume` is check_resume()'s (tag, manifest) when continuing a checkpoint."""
-    trainer = Trainer(run, eng, comm, model_cfg, datasets, log)
+          log=print, definition: Optional[dict] = None) -> Progress:
+    """Train; `resume` is check_resume()'s (tag, manifest) when continuing a checkpoint;
+    `definition` the run definition it was checked against (made here when None)."""
+    trainer = Trainer(run, eng, comm, model_cfg, datasets, log, definition)
     if resume is not None:
         trainer.resume(*resume)
     return trainer.run()
