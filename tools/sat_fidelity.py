@@ -5,7 +5,8 @@ the units SAT would omit left out, against the dense loss, on the same batches.
 Before a continual pre-training run, this tells which metric, selection, unit kind and
 rate keep the model's function: every sparse step trains that sparse function, so a
 setting that moves the loss by more than the run will gain can not end close to dense
-(docs/EXPERIMENTS.md). Forward passes only, one process, TP=1.
+(docs/EXPERIMENTS.md). Forward passes only, one process, TP=1, float32, on the GPU if
+there is one.
 
     python tools/sat_fidelity.py --hf-checkpoint DIR --data NAME=PREFIX [NAME=PREFIX ...] \\
         --setting metric=maxip,selection=sampling,attn=0.3,mlp=0.3 \\
@@ -107,6 +108,9 @@ def main(argv=None) -> int:
         state = SATState(dataclasses.replace(SATConfig(), align_mlp=align))
         model = LlamaModel(model_cfg, state).float().eval()
         model.load_state_dict(shard_hf_state_dict(sd, model_cfg, 1, 0))
+        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        model.to(dev)
+        sets = {n: [(ids.to(dev), lab.to(dev)) for ids, lab in data] for n, data in sets.items()}
     except SatDistError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
