@@ -8,9 +8,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 LEVEL = {"sat_dist.errors": 0, "sat_dist.faults": 0, "sat_dist.config": 1, "sat_dist.data": 2, "sat_dist.sat": 2,
-         # The hooks the model is written against (identities at TP=1; imports only sat): an
-         # interface below the model, filled in by sat_dist.parallel.state.
-         "sat_dist.parallel.comm": 3,
          "sat_dist.model": 4, "sat_dist.parallel": 5, "sat_dist.checkpoint": 6, "sat_dist.train": 7}
 
 

@@ -10,9 +10,9 @@ from sat_dist.checkpoint.reshard import reshard_local, to_full, to_local
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
 from sat_dist.model import layout
+from sat_dist.model.comm import ParallelComm
 from sat_dist.model.layout import LAYOUTS, ParamLayout, layout_of
 from sat_dist.model.llama import LlamaModel
-from sat_dist.parallel.comm import ParallelComm
 from sat_dist.train.engine import optimizer_param_groups
 
 GQA = ModelConfig(hidden_size=32, ffn_hidden_size=64, num_layers=2, num_attention_heads=8, num_query_groups=4,

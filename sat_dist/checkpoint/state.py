@@ -42,8 +42,8 @@ from sat_dist.checkpoint.reshard import reshard_local
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
 from sat_dist.faults import fault_point
+from sat_dist.model.comm import ParallelComm
 from sat_dist.parallel import zero
-from sat_dist.parallel.comm import ParallelComm
 from sat_dist.parallel.zero import MOMENTS
 
 MANIFEST = "sat_dist.json"

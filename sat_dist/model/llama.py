@@ -27,10 +27,10 @@ from torch.utils.checkpoint import checkpoint
 
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
+from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.model.layout import layout_of
 from sat_dist.model.sat_state import SATState
 from sat_dist.model.sparse_ops import kept_linear
-from sat_dist.parallel.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.sat.importance import attention_scores, mlp_scores
 
 

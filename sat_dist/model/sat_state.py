@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from sat_dist.config import SATConfig
-from sat_dist.parallel.comm import SINGLE_PROCESS, ParallelComm
+from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.sat.selection import keep_count, select_units, selection_generator
 
 KINDS = ("attn", "mlp")

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from sat_dist.errors import SatDistError
-from sat_dist.parallel.comm import ParallelComm, _cross_entropy
+from sat_dist.model.comm import ParallelComm, _cross_entropy
 
 
 def init_distributed(tp_size: int) -> ParallelComm:

@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import torch
 
 from sat_dist.errors import SatDistError
-from sat_dist.parallel.comm import ParallelComm
+from sat_dist.model.comm import ParallelComm
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 """Adam's per-parameter state keys."""

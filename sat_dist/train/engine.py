@@ -16,10 +16,10 @@ import torch.distributed as dist
 
 from sat_dist.config import ModelConfig, SATConfig, TrainConfig, read_json_object
 from sat_dist.errors import SatDistError
+from sat_dist.model.comm import ParallelComm
 from sat_dist.model.layout import layout_of
 from sat_dist.model.llama import LlamaModel
 from sat_dist.model.sat_state import SATState
-from sat_dist.parallel.comm import ParallelComm
 from sat_dist.parallel.state import MegatronMPU
 from sat_dist.parallel.zero import load_local_weights
 from sat_dist.train.lr import lr_at

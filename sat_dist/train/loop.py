@@ -16,7 +16,7 @@ from sat_dist.config import ModelConfig
 from sat_dist.data.packing import PackedDataset
 from sat_dist.errors import SatDistError
 from sat_dist.faults import fault_point
-from sat_dist.parallel.comm import ParallelComm
+from sat_dist.model.comm import ParallelComm
 from sat_dist.sat.schedule import OmissionSchedule
 from sat_dist.sat.selection import keep_count
 from sat_dist.train.arguments import RunConfig, run_definition

@@ -2,7 +2,8 @@
 
 The model blocks are written on LOCAL shards and call these hooks; at tensor-parallel size 1
 they are identities, so the same code is the single-device model. `sat_dist.parallel.state`
-fills them from megatron-core's process groups and mappings when distributed.
+(a layer above) fills them from megatron-core's process groups and mappings when
+distributed, so the model never imports the parallel layer.
 """
 
 from __future__ import annotations
