@@ -39,44 +39,32 @@ COMMON = [
     "--eval-interval", "20", "--eval-iters", "8", "--log-interval", "1", "--save-interval", "20",
 ]
 
-SAT = ["--sat-schedule", "ladder"]
+def sat(metric: str, selection: str, attn: str, mlp: str, *more: str) -> list[str]:
+    """A ladder arm's flags (every SAT flag spelled out, whatever the project's defaults)."""
+    return ["--sat-schedule", "ladder", "--sat-metric", metric, "--sat-selection", selection,
+            "--sat-omission-attn", attn, "--sat-omission-mlp", mlp, *more]
+
+
 # name -> (what it tests, extra flags). Flags not given take the project's defaults.
 ARMS: dict[str, tuple[str, list[str]]] = {
     "base": ("the starting model, evaluated only (--skip-train): the curves' point at 0 tokens",
              ["--skip-train", "--sat-schedule", "dense"]),
     "dense": ("dense continual pre-training (SAT off)", ["--sat-schedule", "dense"]),
     "sat-paper": ("the paper's reading before this experiment: maxip, sampling T=0.05, "
-                  "omission 0.3/0.3, ladder 0.6/3 rungs/0.1",
-                  SAT + ["--sat-metric", "maxip", "--sat-selection", "sampling",
-                         "--sat-omission-attn", "0.3", "--sat-omission-mlp", "0.3"]),
-    "mlp-only": ("as sat-paper, attention dense",
-                 SAT + ["--sat-metric", "maxip", "--sat-selection", "sampling",
-                        "--sat-omission-attn", "0", "--sat-omission-mlp", "0.3"]),
-    "mlp-only-topk": ("as mlp-only, top-k selection",
-                      SAT + ["--sat-metric", "maxip", "--sat-selection", "topk",
-                             "--sat-omission-attn", "0", "--sat-omission-mlp", "0.3"]),
-    "mlp-act": ("MLP only, activation metric, top-k, omission 0.3",
-                SAT + ["--sat-metric", "activation", "--sat-selection", "topk",
-                       "--sat-omission-attn", "0", "--sat-omission-mlp", "0.3"]),
-    "mlp-act-0.2": ("MLP only, activation metric, top-k, omission 0.2",
-                    SAT + ["--sat-metric", "activation", "--sat-selection", "topk",
-                           "--sat-omission-attn", "0", "--sat-omission-mlp", "0.2"]),
-    "mlp-act-0.1": ("MLP only, activation metric, top-k, omission 0.1",
-                    SAT + ["--sat-metric", "activation", "--sat-selection", "topk",
-                           "--sat-omission-attn", "0", "--sat-omission-mlp", "0.1"]),
+                  "omission 0.3/0.3, ladder 0.6/3 rungs/0.1", sat("maxip", "sampling", "0.3", "0.3")),
+    "mlp-only": ("as sat-paper, attention dense", sat("maxip", "sampling", "0", "0.3")),
+    "mlp-only-topk": ("as mlp-only, top-k selection", sat("maxip", "topk", "0", "0.3")),
+    "mlp-act": ("MLP only, activation metric, top-k, omission 0.3", sat("activation", "topk", "0", "0.3")),
+    "mlp-act-0.2": ("MLP only, activation metric, top-k, omission 0.2", sat("activation", "topk", "0", "0.2")),
+    "mlp-act-0.1": ("MLP only, activation metric, top-k, omission 0.1", sat("activation", "topk", "0", "0.1")),
     "mlp-act-0.2-long-dense": ("as mlp-act-0.2 with a longer ladder: sparse 0.4, 4 rungs, dense 0.3",
-                               SAT + ["--sat-metric", "activation", "--sat-selection", "topk",
-                                      "--sat-omission-attn", "0", "--sat-omission-mlp", "0.2",
-                                      "--sat-sparse-fraction", "0.4", "--sat-ladder-steps", "4",
-                                      "--sat-dense-fraction", "0.3"]),
+                               sat("activation", "topk", "0", "0.2", "--sat-sparse-fraction", "0.4",
+                                   "--sat-ladder-steps", "4", "--sat-dense-fraction", "0.3")),
     "mlp-act-0.2-stride1": ("as mlp-act-0.2, scores from every token (--sat-token-stride 1)",
-                            SAT + ["--sat-metric", "activation", "--sat-selection", "topk",
-                                   "--sat-omission-attn", "0", "--sat-omission-mlp", "0.2",
-                                   "--sat-token-stride", "1"]),
+                            sat("activation", "topk", "0", "0.2", "--sat-token-stride", "1")),
     "mlp-act-micro": ("as mlp-act, selection per micro-batch (micro-batch 1, 4 per step)",
-                      SAT + ["--sat-metric", "activation", "--sat-selection", "topk",
-                             "--sat-omission-attn", "0", "--sat-omission-mlp", "0.3",
-                             "--sat-granularity", "micro-batch", "--micro-batch-size", "1"]),
+                      sat("activation", "topk", "0", "0.3", "--sat-granularity", "micro-batch",
+                          "--micro-batch-size", "1")),
 }
 
 

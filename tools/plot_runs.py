@@ -134,24 +134,22 @@ def table(runs: list[Run], sets: list[str], reference: str | None, base: dict[st
     head += ["training time (s)", "mean step (s)", f"time vs {reference}" if ref else ""]
     head = [h for h in head if h]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if base:
-        row = ["base (start)", "0", "0"]
+    def loss_cells(final) -> list[str]:
+        """loss, ppl (and ppl vs the reference) of every set; final(name) -> loss or None."""
+        cells = []
         for n in sets:
-            v = base.get(n)
-            row += [f"{v:.4f}", f"{math.exp(v):.3f}"] if v is not None else ["", ""]
+            v = final(n)
+            cells += [f"{v:.4f}", f"{math.exp(v):.3f}"] if v is not None else ["", ""]
             if ref:
                 f = ref.final(n)
-                row.append(f"{math.exp(v - f) - 1:+.1%}" if v is not None and f is not None else "")
-        row += ["", ""] + ([""] if ref else [])
+                cells.append(f"{math.exp(v - f) - 1:+.1%}" if v is not None and f is not None else "")
+        return cells
+
+    if base:
+        row = ["base (start)", "0", "0"] + loss_cells(base.get) + ["", ""] + ([""] if ref else [])
         lines.append("| " + " | ".join(row) + " |")
     for r in runs:
-        row = [r.name, str(r.iterations), f"{r.tokens[r.iterations]:,.0f}"]
-        for n in sets:
-            v = r.final(n)
-            row += [f"{v:.4f}", f"{math.exp(v):.3f}"] if v is not None else ["", ""]
-            if ref:
-                f = ref.final(n)
-                row.append(f"{math.exp(v - f) - 1:+.1%}" if v is not None and f is not None else "")
+        row = [r.name, str(r.iterations), f"{r.tokens[r.iterations]:,.0f}"] + loss_cells(r.final)
         row += [f"{r.train_seconds:.0f}", f"{r.train_seconds / max(r.iterations, 1):.2f}"]
         if ref:
             row.append(f"{r.train_seconds / ref.train_seconds:.3f}" if ref.train_seconds else "")
