@@ -31,7 +31,8 @@ METRICS = ("maxip", "wanda", "magnitude", "random", "activation")
 SELECTIONS = ("sampling", "topk")
 SCHEDULES = ("ladder", "constant", "dense")
 GRANULARITIES = ("step", "micro-batch")
-LR_DECAY_STYLES = ("cosine", "linear", "constant")
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
 
@@ -245,9 +246,29 @@ class TrainConfig:
     min_lr: float = 6e-5
     """Final learning rate of the decay."""
     lr_warmup_iters: int = 10
-    """Linear warmup steps from 0 to lr."""
+    """Linear warmup steps from --lr-warmup-init to lr."""
+    lr_warmup_init: float = 0.0
+    """Learning rate at the start of the warmup (Megatron's --lr-warmup-init)."""
+    lr_decay_iters: Optional[int] = None
+    """Steps over which the LR decays to min_lr, warmup included (default: --train-iters);
+    later steps run at min_lr."""
     lr_decay_style: str = "cosine"
-    """cosine, linear or constant after warmup."""
+    """cosine, linear, constant or WSD (warmup-stable-decay) after warmup."""
+    lr_wsd_decay_iters: Optional[int] = None
+    """WSD: steps of the final decay, which ends at --lr-decay-iters (required with WSD)."""
+    lr_wsd_decay_style: str = "exponential"
+    """WSD: shape of the final decay: exponential, linear, cosine or minus_sqrt."""
+    override_opt_param_scheduler: bool = False
+    """On --load, take the LR schedule (and SAT's) from the flags rather than refusing a
+    checkpoint trained with other values; a new stage that continues the iteration count."""
+    no_load_optim: bool = False
+    """On --load, do not load the Adam moments (they start at zero; weights, iteration and
+    data position are loaded)."""
+    no_load_rng: bool = False
+    """On --load, do not restore the random-number generators' state."""
+    finetune: bool = False
+    """On --load, load the weights only: iteration, data position, optimizer, LR and SAT
+    schedules start at zero (a new stage from another run's checkpoint)."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay (not applied to norms)."""
     adam_beta1: float = 0.9
@@ -262,10 +283,15 @@ class TrainConfig:
     """Train in bf16 (DeepSpeed bf16 mode; fp32 master weights)."""
     recompute_activations: bool = False
     """Recompute each layer's activations in backward (less memory, ~1/3 more compute)."""
-    data_path: Optional[str] = None
-    """Prefix of a megatron indexed dataset (PREFIX.bin/.idx); None runs the embedded default."""
+    data_path: Optional[list[str]] = None
+    """A megatron indexed dataset PREFIX (PREFIX.bin/.idx), or a blend W1 PREFIX1 W2 PREFIX2 ...
+    (weights normalised), split by --split; None runs the embedded default."""
     split: str = "969,30,1"
     """Train/valid/test weights."""
+    train_data_path: Optional[list[str]] = None
+    """Training data of its own, a PREFIX or a blend (read whole; not split)."""
+    test_data_path: Optional[list[str]] = None
+    """Test data of its own, a PREFIX or a blend, evaluated at the end as `lm loss test`."""
     valid_data_path: Optional[list[str]] = None
     """Validation sets of their own, NAME=PREFIX each (a bare PREFIX replaces the split's
     validation set); each is read whole and logged as `lm loss validation/NAME`."""
@@ -302,6 +328,13 @@ class TrainConfig:
     skip_train: bool = False
     """Only evaluate the validation sets (of the loaded or imported model) and exit: no
     training step, nothing saved (Megatron's --skip-train)."""
+    reset_position_ids: bool = False
+    """Restart the position ids after every EOD inside a packed sample."""
+    reset_attention_mask: bool = False
+    """No attention across an EOD inside a packed sample (each document sees only itself)."""
+    eod_mask_loss: bool = False
+    """No loss at positions whose input token is EOD (predicting the next document's first
+    token from the previous one's end)."""
 
     def validate(self) -> "TrainConfig":
         """Errors name the flag: `--<flag>: got <value>; allowed: ...` (or what to do)."""
@@ -417,5 +450,5 @@ def _is_number(v) -> bool:
 
 
 __all__ = ["SATConfig", "ModelConfig", "TrainConfig", "METRICS", "SELECTIONS", "SCHEDULES", "GRANULARITIES",
-           "LR_DECAY_STYLES", "SAT_CHOICES", "MODEL_CONFIG_DIR", "model_config_path", "valid_data_sets", "field_docs",
-           "load_fields", "read_json_object"]
+           "LR_DECAY_STYLES", "WSD_DECAY_STYLES", "SAT_CHOICES", "MODEL_CONFIG_DIR", "model_config_path",
+           "valid_data_sets", "field_docs", "load_fields", "read_json_object"]

@@ -97,9 +97,12 @@ def check_save_dir(save: Optional[str], load: Optional[str]) -> None:
 
 
 def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_samples: int,
-                    comm: ParallelComm, model_cfg: ModelConfig, stage3: bool, definition: dict) -> Path:
+                    comm: ParallelComm, model_cfg: ModelConfig, stage3: bool, definition: dict,
+                    extra: Optional[dict] = None) -> Path:
     """Collective over all ranks. `definition`: the run definition (the settings a resume
-    must share, sat_dist.train.arguments.run_definition), checked by check_resume."""
+    must share, sat_dist.train.arguments.run_definition), checked by check_resume. `extra`:
+    more manifest entries from the training loop (JSON values; e.g. the data position of
+    every dataset of a blend, the first iteration of the current stage)."""
     d = Path(ckpt_dir)
     tag = tag_of(iteration)
     rank = dist.get_rank()
@@ -135,6 +138,7 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
             "skipped_steps": counters["skipped_steps"],
             "model": model_cfg.__dict__,
             "run_definition": definition,
+            **(extra or {}),
         }
         _atomic_write(d / tag / MANIFEST, json.dumps(manifest, indent=2, default=_json_default) + "\n")
         _atomic_write(d / LATEST, tag + "\n")

@@ -22,6 +22,7 @@ from sat_dist.config import (
     LR_DECAY_STYLES,
     MODEL_CONFIG_DIR,
     SAT_CHOICES,
+    WSD_DECAY_STYLES,
     ModelConfig,
     SATConfig,
     TrainConfig,
@@ -63,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=t.lr)
     a("--min-lr", type=float, default=t.min_lr)
     a("--lr-warmup-iters", type=int, default=t.lr_warmup_iters)
+    a("--lr-warmup-init", type=float, default=t.lr_warmup_init)
+    a("--lr-decay-iters", type=int, default=t.lr_decay_iters)
     a("--lr-decay-style", choices=LR_DECAY_STYLES, default=t.lr_decay_style)
+    a("--lr-wsd-decay-iters", type=int, default=t.lr_wsd_decay_iters)
+    a("--lr-wsd-decay-style", choices=WSD_DECAY_STYLES, default=t.lr_wsd_decay_style)
     a("--weight-decay", type=float, default=t.weight_decay)
     a("--adam-beta1", type=float, default=t.adam_beta1)
     a("--adam-beta2", type=float, default=t.adam_beta2)
@@ -71,11 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clip-grad", type=float, default=t.clip_grad)
     a("--bf16", action="store_true", default=t.bf16)
     a("--recompute-activations", action="store_true", default=t.recompute_activations)
-    a("--data-path", default=t.data_path)
+    a("--data-path", nargs="+", default=t.data_path, metavar="[WEIGHT] PREFIX")
     a("--split", default=t.split)
+    a("--train-data-path", nargs="+", default=t.train_data_path, metavar="[WEIGHT] PREFIX")
+    a("--test-data-path", nargs="+", default=t.test_data_path, metavar="[WEIGHT] PREFIX")
     a("--valid-data-path", nargs="+", default=t.valid_data_path, metavar="NAME=PREFIX")
     a("--tokenizer-model", default=t.tokenizer_model)
     a("--load", default=t.load)
+    # Megatron spells this one with an underscore; the all-dashes form is accepted too.
+    a("--override-opt_param-scheduler", "--override-opt-param-scheduler", dest="override_opt_param_scheduler",
+      action="store_true", default=t.override_opt_param_scheduler)
+    a("--no-load-optim", action="store_true", default=t.no_load_optim)
+    a("--no-load-rng", action="store_true", default=t.no_load_rng)
+    a("--finetune", action="store_true", default=t.finetune)
     a("--save", default=t.save)
     a("--save-interval", type=int, default=t.save_interval)
     a("--eval-interval", type=int, default=t.eval_interval)
@@ -88,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-nonfinite-steps", type=int, default=t.max_nonfinite_steps)
     a("--exit-interval", type=int, default=t.exit_interval)
     a("--skip-train", action="store_true", default=t.skip_train)
+    a("--reset-position-ids", action="store_true", default=t.reset_position_ids)
+    a("--reset-attention-mask", action="store_true", default=t.reset_attention_mask)
+    a("--eod-mask-loss", action="store_true", default=t.eod_mask_loss)
     a("--ds_config", "--deepspeed_config", "--ds-config", dest="ds_config", default=t.ds_config)
     a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
     a("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # accepted for compatibility

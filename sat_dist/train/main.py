@@ -126,7 +126,7 @@ def open_datasets(t: TrainConfig, model_cfg: ModelConfig, dp_size: int) -> dict:
         raise SatDistError(f"--tokenizer-model {t.tokenizer_model} has {tok.vocab_size} tokens, more than the "
                            f"model's vocab_size {model_cfg.vocab_size}; use the model's tokenizer or a "
                            f"model config with vocab_size >= {tok.vocab_size}")
-    datasets = build_packed_datasets(t.data_path, t.seq_length, tok.eos_id, t.seed, t.split,
+    datasets = build_packed_datasets(t.data_path[-1], t.seq_length, tok.eos_id, t.seed, t.split,
                                      vocab_size=model_cfg.vocab_size)
     for key, prefix in valid_data_sets(t.valid_data_path).items():
         entry = prefix if key == "valid" else f"{key[len('valid/'):]}={prefix}"
@@ -166,7 +166,8 @@ def _run(argv) -> int:
         if rank0:
             prepare_default_data(DEFAULT_RUN / "data", log)
         dist.barrier()
-        t.data_path, t.tokenizer_model = prepare_default_data(DEFAULT_RUN / "data", log)
+        prefix, t.tokenizer_model = prepare_default_data(DEFAULT_RUN / "data", log)
+        t.data_path = [str(prefix)]
         datasets = open_datasets(t, model_cfg, plan.dp_size)
     s = run.sat
     log(f"model {model_cfg.name}: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
