@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from sat_dist.data.indexed import IndexedDatasetWriter, token_dtype  # noqa: E402
-from sat_dist.data.tokenizer import load_tokenizer  # noqa: E402
+from sat_dist.data.tokenizer import load_tokenizer, tokenizer_record, write_tokenizer_record  # noqa: E402
 from sat_dist.errors import SatDistError  # noqa: E402
 
 EMPTY, UNDECODABLE = "empty", "undecodable"
@@ -184,6 +184,9 @@ def run(args: argparse.Namespace) -> str:
             raise SatDistError(f"--input: all {sum(skipped.values())} documents are empty or "
                                "skipped; nothing to write")
         writer.finalize()
+    # Which tokenizer made the data: a training run refuses a blend of datasets made with
+    # different tokenizers, or data made with another tokenizer than its --tokenizer-model.
+    write_tokenizer_record(writer.prefix, tokenizer_record(args.tokenizer_model))
     notes = ", ".join(f"{n} {why} skipped" for why, n in sorted(skipped.items()))
     return (f"wrote {writer.prefix}.bin/.idx: {writer.num_documents} documents, "
             f"{writer.num_tokens} tokens, {dtype.name}, vocab {tok.vocab_size}, eos {tok.eos_id}"

@@ -201,21 +201,24 @@ def build_packed_datasets(prefix: str | Path, seq_length: int, eos_id: int, seed
 
 
 def build_whole_dataset(prefix: str | Path, seq_length: int, eos_id: int, seed: int = 1234,
-                        vocab_size: Optional[int] = None, name: str = "valid") -> PackedDataset:
-    """All of PREFIX.bin/.idx as one dataset (a validation set of its own).
+                        vocab_size: Optional[int] = None, name: str = "valid", split_index: int = 1,
+                        scan_ids: bool = True) -> PackedDataset:
+    """All of PREFIX.bin/.idx as one dataset (a validation, training or test set of its
+    own), shuffled like the split `split_index` (0 train, 1 valid, 2 test).
 
-    With vocab_size, every token id is checked against it (a set made with another
-    tokenizer would index past the embedding); validation sets are small enough to scan.
+    With vocab_size, the dtype is checked against it, and with scan_ids every token id too
+    (a set made with another tokenizer would index past the embedding); validation sets are
+    small enough to scan, training sets are checked batch by batch instead.
     """
     reader = IndexedDatasetReader(prefix, vocab_size=vocab_size)
-    if vocab_size is not None:
+    if vocab_size is not None and scan_ids:
         reader.check_token_range(vocab_size)
     stream = TokenStream(reader, eos_id)
     total = (stream.num_tokens - 1) // seq_length
     if total == 0:
         raise SatDistError(f"{prefix}: {stream.num_tokens} tokens (EOS separators included), not one sample "
                            f"of seq_length {seq_length} + 1; use more data or a shorter seq_length")
-    return PackedDataset(stream, seq_length, 0, total, seed, 1, name, whole=True)
+    return PackedDataset(stream, seq_length, 0, total, seed, split_index, name, whole=True)
 
 
 __all__ = ["TokenStream", "PackedDataset", "parse_split", "split_sample_ranges",

@@ -6,6 +6,7 @@ processes start in a fraction of a second. Everything here works offline.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -119,6 +120,45 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
     The backend is chosen by extension: .json is HF `tokenizers`, anything else SentencePiece.
     """
+    p = tokenizer_file(path)
+    if p.suffix == ".json":
+        return HFTokenizer(p)
+    return SentencePieceTokenizer(p)
+
+
+RECORD_SUFFIX = ".tokenizer.json"
+"""PREFIX.tokenizer.json, written by tools/preprocess_data.py next to PREFIX.bin/.idx: which
+tokenizer made the dataset (Megatron's format itself does not say)."""
+
+
+def tokenizer_record(path: str | Path) -> dict:
+    """What identifies a tokenizer: its file's SHA-256, plus its name, vocabulary and EOS."""
+    p = tokenizer_file(path)
+    tok = load_tokenizer(p)
+    return {"tokenizer": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+
+
+def write_tokenizer_record(prefix: str | Path, record: dict) -> None:
+    Path(f"{prefix}{RECORD_SUFFIX}").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_tokenizer_record(prefix: str | Path) -> Optional[dict]:
+    """The record of the tokenizer that made PREFIX, or None (made by another tool)."""
+    f = Path(f"{prefix}{RECORD_SUFFIX}")
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SatDistError(f"{f}: unreadable ({type(e).__name__}); delete it or re-run tools/preprocess_data.py")
+    if not isinstance(record, dict) or "sha256" not in record:
+        raise SatDistError(f"{f}: not a tokenizer record (no sha256); delete it or re-run tools/preprocess_data.py")
+    return record
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer file `path` names (a directory: its tokenizer.model or tokenizer.json)."""
     p = Path(path)
     if p.is_dir():
         found = [p / n for n in ("tokenizer.model", "tokenizer.json") if (p / n).is_file()]
@@ -128,9 +168,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not p.is_file():
         raise SatDistError(f"tokenizer {p}: file not found; pass a tokenizer.model or "
                            "tokenizer.json")
-    if p.suffix == ".json":
-        return HFTokenizer(p)
-    return SentencePieceTokenizer(p)
+    return p
 
 
 def train_sentencepiece(
@@ -209,5 +247,6 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-__all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer",
+__all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_file",
+           "tokenizer_record", "write_tokenizer_record", "read_tokenizer_record", "RECORD_SUFFIX",
            "train_sentencepiece"]

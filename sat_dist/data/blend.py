@@ -1,0 +1,214 @@
+"""Data blends: several datasets mixed by weight, with a resumable position in each.
+
+`--data-path 0.9 /data/new 0.1 /data/old` (Megatron-LM's syntax; a bare PREFIX is a blend
+of one) trains on a mix whose every global batch holds each dataset's share as closely as
+integers allow: with weight w and global batch G a dataset gets floor(w*G) or ceil(w*G)
+samples, and which datasets get the extra sample is decided by how far each has fallen
+behind its weight since the blend began, so the cumulative count of every dataset stays
+within one sample of w * (samples drawn). Nothing is random in the counts; the order of the
+samples inside a global batch is shuffled, seeded by (--seed, samples drawn), so that every
+DP rank sees the mix and not one dataset.
+
+Each dataset keeps its own shuffled, epoch-by-epoch sample order (PackedDataset); the blend's
+position is the number of samples taken from each dataset, by prefix (`DataPosition`). It is
+saved in every checkpoint, so a resume on any TP x DP layout, or with another global batch
+size, continues every dataset exactly where it stopped. A new blend (other weights, or other
+datasets, e.g. a continual pre-training stage that adds replay) keeps every dataset's
+position and starts its own proportions from there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from sat_dist.data.packing import PackedDataset
+from sat_dist.errors import SatDistError
+
+_BLEND_FORMAT = "write one PREFIX, or pairs WEIGHT PREFIX, e.g. 0.9 /data/new_text_document 0.1 /data/old_text_document"
+
+
+def parse_blend(values: list[str], flag: str) -> list[tuple[float, str]]:
+    """`--data-path` values -> [(normalised weight, prefix)]: one PREFIX, or W1 P1 W2 P2 ...
+    Weights must be finite numbers > 0; a prefix may appear once."""
+    values = [str(v) for v in values or []]
+    if not values:
+        raise SatDistError(f"{flag}: no dataset given; {_BLEND_FORMAT}")
+    if len(values) == 1:
+        if _is_float(values[0]):
+            raise SatDistError(f"{flag} {values[0]}: a weight without a dataset prefix; {_BLEND_FORMAT}")
+        return [(1.0, values[0])]
+    if len(values) % 2:
+        raise SatDistError(f"{flag}: got {len(values)} values ({' '.join(values)}); {_BLEND_FORMAT}")
+    pairs = []
+    for w, prefix in zip(values[0::2], values[1::2]):
+        if not _is_float(w):
+            raise SatDistError(f"{flag}: weight {w!r} of {prefix} is not a number; {_BLEND_FORMAT}")
+        weight = float(w)
+        if not (math.isfinite(weight) and weight > 0):
+            raise SatDistError(f"{flag}: weight {w} of {prefix}: allowed: a finite number > 0 "
+                               f"(leave a dataset out rather than give it weight 0)")
+        if _is_float(prefix):
+            raise SatDistError(f"{flag}: {prefix!r} after weight {w} looks like a weight, not a prefix; "
+                               f"{_BLEND_FORMAT}")
+        pairs.append((weight, prefix))
+    keys = [dataset_key(p) for _, p in pairs]
+    for i, k in enumerate(keys):
+        if k in keys[:i]:
+            raise SatDistError(f"{flag}: {pairs[i][1]} appears twice; give each dataset once, with the sum of "
+                               f"its weights")
+    total = sum(w for w, _ in pairs)
+    return [(w / total, p) for w, p in pairs]
+
+
+def dataset_key(prefix: str) -> str:
+    """How a dataset is named in checkpoints: its prefix as given, normalised (a trailing
+    .bin/.idx and redundant separators removed)."""
+    p = str(prefix)
+    for suffix in (".bin", ".idx"):
+        if p.endswith(suffix):
+            p = p[: -len(suffix)]
+    return os.path.normpath(p)
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def batch_counts(weights: list[float], drawn: list[int], gbs: int) -> list[int]:
+    """Samples each dataset gives to the next global batch of `gbs`, after `drawn[d]`
+    samples taken from dataset d since the blend began: floor(w*G) or ceil(w*G) each, summing
+    to G; the extra samples go to the datasets furthest behind w * (drawn + G)."""
+    total = sum(drawn) + gbs
+    base = [math.floor(w * gbs) for w in weights]
+    extra = gbs - sum(base)
+    # How far behind its share each dataset would be with only `base` this batch (ties: order).
+    behind = [w * total - d - b for w, d, b in zip(weights, drawn, base)]
+    order = sorted(range(len(weights)), key=lambda i: (-behind[i], i))
+    for i in order[:extra]:
+        base[i] += 1
+    return base
+
+
+@dataclass
+class DataPosition:
+    """Samples consumed from each dataset (by dataset_key), over the whole run, and where
+    the current blend began (its proportions count from there)."""
+
+    consumed: dict[str, int] = field(default_factory=dict)
+    blend_start: dict[str, int] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    """The weights of the blend that began at blend_start."""
+
+    def to_manifest(self) -> dict:
+        return {"consumed": dict(self.consumed), "blend_start": dict(self.blend_start),
+                "weights": dict(self.weights)}
+
+
+class BlendedDataset:
+    """Datasets mixed by weight (one dataset: weight 1, exactly that dataset's order)."""
+
+    def __init__(self, parts: list[PackedDataset], weights: list[float], keys: list[str], seed: int,
+                 name: str = "train"):
+        if not (len(parts) == len(weights) == len(keys)) or not parts:
+            raise SatDistError("data: a blend needs as many weights and keys as datasets (at least one)")
+        self.datasets, self.weights, self.keys, self.seed, self.name = parts, list(weights), list(keys), seed, name
+
+    @classmethod
+    def single(cls, ds: PackedDataset, key: str) -> "BlendedDataset":
+        return cls([ds], [1.0], [key], ds.seed, ds.name)
+
+    @property
+    def eos_id(self) -> int:
+        """The EOD id that joins documents (the run's tokenizer's EOS, the same in every dataset)."""
+        return self.datasets[0].stream.eos_id
+
+    @property
+    def whole(self) -> bool:
+        """Every dataset is read whole (a --valid-data-path set), not a share of a split."""
+        return all(p.whole for p in self.datasets)
+
+    def __len__(self) -> int:
+        """Samples per epoch over all datasets."""
+        return sum(len(p) for p in self.datasets)
+
+    def start(self, position: Optional[DataPosition] = None) -> DataPosition:
+        """The position to read from: `position` (restored from a checkpoint) continued by
+        this blend. A checkpoint of another blend (other weights or datasets) keeps each
+        dataset's position, and this blend's proportions start counting there."""
+        pos = position or DataPosition()
+        consumed = {k: pos.consumed.get(k, 0) for k in self.keys}
+        consumed.update({k: v for k, v in pos.consumed.items() if k not in consumed})  # kept for later stages
+        weights = dict(zip(self.keys, self.weights))
+        same_blend = pos.weights and set(pos.weights) == set(weights) and all(
+            math.isclose(pos.weights[k], weights[k], rel_tol=1e-9) for k in weights)
+        start = dict(pos.blend_start) if same_blend else {k: consumed[k] for k in self.keys}
+        return DataPosition(consumed, start, weights)
+
+    def global_batch(self, pos: DataPosition, gbs: int) -> list[tuple[int, int]]:
+        """The next global batch: (dataset index, sample index in that dataset) per slot."""
+        drawn = [pos.consumed[k] - pos.blend_start[k] for k in self.keys]
+        counts = batch_counts(self.weights, drawn, gbs)
+        slots = [(d, pos.consumed[k] + j) for d, (k, n) in enumerate(zip(self.keys, counts)) for j in range(n)]
+        if len(self.datasets) > 1:
+            rng = np.random.default_rng([self.seed, 0xB1E4D, sum(drawn)])
+            slots = [slots[i] for i in rng.permutation(len(slots))]
+        return slots
+
+    def advance(self, pos: DataPosition, gbs: int) -> None:
+        """Move `pos` past one global batch of `gbs`."""
+        drawn = [pos.consumed[k] - pos.blend_start[k] for k in self.keys]
+        for k, n in zip(self.keys, batch_counts(self.weights, drawn, gbs)):
+            pos.consumed[k] += n
+
+    def step_batches(self, pos: Optional[DataPosition], global_batch_size: int, micro_batch_size: int,
+                     dp_rank: int = 0, dp_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This DP rank's micro-batches of the global batch at `pos` (None: the start):
+        (input_ids, labels), each a LongTensor [micro_batch_size, seq_length]. DP rank r of D
+        takes the r-th contiguous G/D slots; `pos` is not moved (see advance)."""
+        pos = self.start() if pos is None else pos
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise SatDistError(f"data: dp_rank {dp_rank} outside [0, dp_size={dp_size})")
+        if global_batch_size < 1 or global_batch_size % dp_size:
+            raise SatDistError(f"data: global_batch_size {global_batch_size} is not a positive "
+                               f"multiple of the data-parallel size {dp_size}")
+        per_rank = global_batch_size // dp_size
+        if micro_batch_size < 1 or per_rank % micro_batch_size:
+            raise SatDistError(f"data: micro_batch_size {micro_batch_size} does not divide the "
+                               f"{per_rank} samples per DP rank (global_batch_size "
+                               f"{global_batch_size} / dp_size {dp_size})")
+        mine = self.global_batch(pos, global_batch_size)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        for i in range(0, per_rank, micro_batch_size):
+            rows = [self.datasets[d].sample(g) for d, g in mine[i:i + micro_batch_size]]
+            tokens = torch.from_numpy(np.stack(rows))  # [micro_batch, seq + 1]
+            yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    def describe(self) -> str:
+        return ", ".join(f"{w:.3g} {k} ({len(p)} samples)" for w, k, p in zip(self.weights, self.keys, self.datasets))
+
+
+def position_from_manifest(manifest: dict, blend: BlendedDataset) -> DataPosition:
+    """The data position a checkpoint saved; a checkpoint from before blends holds only
+    consumed_samples, which is the position of its single dataset."""
+    saved = manifest.get("data_positions")
+    if saved is not None:
+        return DataPosition({k: int(v) for k, v in saved["consumed"].items()},
+                            {k: int(v) for k, v in saved["blend_start"].items()},
+                            {k: float(v) for k, v in saved["weights"].items()})
+    if len(blend.keys) == 1:
+        k = blend.keys[0]
+        return DataPosition({k: int(manifest["consumed_samples"])}, {k: 0}, {k: 1.0})
+    raise SatDistError("--load: the checkpoint predates data blends and holds the position of one dataset only; "
+                       "resume it with its single --data-path prefix, or start a new stage with --finetune")
+
+
+__all__ = ["parse_blend", "dataset_key", "batch_counts", "DataPosition", "BlendedDataset", "position_from_manifest"]
