@@ -157,6 +157,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """Rotary base."""
 
+    rope_scaling: Optional[dict] = None
+    """Hugging Face's rope_scaling, the RoPE context extension of Llama-3.x checkpoints:
+    {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"} (Llama-3.1: 8, 1, 4, 8192) or
+    {"rope_type": "linear", "factor"}. None: plain RoPE (Llama-2, Llama-3.0, SmolLM2)."""
+
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
 
@@ -205,7 +211,39 @@ class ModelConfig:
             v = getattr(self, name)
             if not _is_number(v) or not v > 0:
                 raise fail_field(s, name, v, "a number > 0")
+        if self.rope_scaling is not None:
+            self._validate_rope_scaling()
         return self
+
+    # The rope_scaling types sat_dist.model.rope implements, and the keys each needs besides
+    # rope_type (a class attribute, not a field: it is not part of a model's description).
+    ROPE_SCALING_KEYS = {
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        "linear": ("factor",),
+    }
+
+    def _validate_rope_scaling(self) -> None:
+        s, rs = "model", self.rope_scaling
+        if not isinstance(rs, dict) or rs.get("rope_type") not in self.ROPE_SCALING_KEYS:
+            got = rs.get("rope_type") if isinstance(rs, dict) else rs
+            raise fail_field(s, "rope_scaling.rope_type" if isinstance(rs, dict) else "rope_scaling", got,
+                             f"{', '.join(self.ROPE_SCALING_KEYS)} (or rope_scaling null for plain RoPE)")
+        keys = self.ROPE_SCALING_KEYS[rs["rope_type"]]
+        unknown = sorted(set(rs) - set(keys) - {"rope_type"})
+        if unknown:
+            raise fail_field(s, "rope_scaling", rs, f"for rope_type {rs['rope_type']}, exactly the keys "
+                             f"rope_type, {', '.join(keys)} (unknown: {', '.join(unknown)})")
+        for key in keys:
+            v = rs.get(key)
+            if key == "original_max_position_embeddings":
+                if not _is_int(v) or v < 1:
+                    raise fail_field(s, f"rope_scaling.{key}", v, "an integer >= 1")
+            elif not _is_number(v) or not math.isfinite(v) or not v > 0:
+                raise fail_field(s, f"rope_scaling.{key}", v, "a finite number > 0")
+        if rs["rope_type"] == "llama3" and not rs["high_freq_factor"] > rs["low_freq_factor"]:
+            # the smooth band between the two wavelength bounds would be empty or inverted
+            raise fail_field(s, "rope_scaling.high_freq_factor", rs["high_freq_factor"],
+                             f"a number > low_freq_factor={rs['low_freq_factor']}")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":

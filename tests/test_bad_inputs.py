@@ -63,7 +63,7 @@ def ws(corpus, reference_run, hf_init, tmp_path_factory):
                lambda c: c.__setitem__("vocab_size", 500))
     hf_variant("hf_good")
     hf_variant("hf_rope_scaled", config_edit=lambda c: c.__setitem__(
-        "rope_parameters", {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}))
+        "rope_parameters", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0}))
     hf_variant("hf_bias", lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)))
     hf_variant("hf_noconfig")
     (w / "hf_noconfig" / "config.json").unlink()
@@ -174,7 +174,8 @@ CASES = [
      "model.norm.weight has dtype torch.int64"),
     ("hf disagrees with model config", {"hf-checkpoint": "{ws}/hf_good", "model-config": "tiny"},
      "is of another model (ffn_hidden_size=768 vs 128"),
-    ("hf rope scaling", {"hf-checkpoint": "{ws}/hf_rope_scaled", "model-config": None}, "RoPE scaling (llama3)"),
+    ("hf rope scaling", {"hf-checkpoint": "{ws}/hf_rope_scaled", "model-config": None},
+     "RoPE scaling (yarn) is not supported"),
     ("hf bias tensor", {"hf-checkpoint": "{ws}/hf_bias", "model-config": None},
      "unexpected tensor model.layers.0.self_attn.q_proj.bias"),
     ("hf vocab smaller than tokenizer", {"hf-checkpoint": "{ws}/hf_small_vocab", "model-config": None},

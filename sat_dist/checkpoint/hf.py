@@ -23,11 +23,38 @@ from sat_dist.errors import SatDistError
 _LAYER = "model.layers.{}."
 
 
+def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) of an HF config: transformers 4 writes rope_theta and
+    rope_scaling (its oldest form names the type "type"), transformers 5 one rope_parameters
+    dict holding both. Read the way transformers 5 reads them, so both build the same model."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise SatDistError(f"HF config: rope_scaling {rope!r} is not an object")
+    rope = dict(rope)
+    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = rope.pop("rope_type", None) or rope.pop("type", "default")
+    rope.pop("type", None)
+    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise SatDistError("HF config: partial_rotary_factor != 1 is not supported; the model rotates whole heads")
+    if kind == "default":
+        return theta, None
+    if kind not in ModelConfig.ROPE_SCALING_KEYS:
+        raise SatDistError(f"HF config: RoPE scaling ({kind}) is not supported; allowed: "
+                           f"{', '.join(ModelConfig.ROPE_SCALING_KEYS)} or plain RoPE")
+    if kind == "llama3":
+        # transformers' default: the context the checkpoint declares is the one it was trained on
+        n = rope.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        if isinstance(n, float) and n.is_integer():  # a JSON writer's 8192.0
+            rope["original_max_position_embeddings"] = int(n)
+    return theta, {"rope_type": kind, **rope}
+
+
 def model_config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
     """ModelConfig from the fields of an HF LlamaConfig (config.json as a dict)."""
     arch = hf.get("model_type")
     if arch not in (None, "llama", "mistral"):
         raise SatDistError(f"HF config: model_type {arch!r} is not a Llama architecture; allowed: llama")
+    rope_theta, rope_scaling = _rope_from_hf(hf)
     try:
         h, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         cfg = ModelConfig(
@@ -38,7 +65,8 @@ def model_config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
             num_query_groups=int(hf.get("num_key_value_heads") or heads),
             vocab_size=int(hf["vocab_size"]),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             name=name,
@@ -47,10 +75,6 @@ def model_config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
         raise SatDistError(f"HF config: missing field {e.args[0]!r}")
     if hf.get("head_dim") not in (None, h // heads):
         raise SatDistError(f"HF config: head_dim={hf['head_dim']} != hidden_size/num_attention_heads; unsupported")
-    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
-    if hf.get("rope_scaling") or rope_type != "default":
-        raise SatDistError(f"HF config: RoPE scaling ({hf.get('rope_scaling') or rope_type}) is not supported; "
-                           f"use a model with plain RoPE (Llama-2, SmolLM2)")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise SatDistError(f"HF config: {key}=true is not supported; the model has no bias terms")
@@ -58,11 +82,15 @@ def model_config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
         raise SatDistError(f"HF config: hidden_act {hf['hidden_act']!r} is not supported; allowed: silu")
     if hf.get("sliding_window") and hf.get("use_sliding_window", True):
         raise SatDistError("HF config: sliding-window attention is not supported; use full causal attention")
-    return cfg.validate()
+    try:
+        return cfg.validate()
+    except SatDistError as e:
+        raise SatDistError(f"HF config: {e}")
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """An HF LlamaConfig dict for `cfg`."""
+    """An HF LlamaConfig dict for `cfg`. RoPE in transformers 4's form (rope_theta, rope_scaling),
+    which transformers 5 reads too; transformers 4 would ignore a rope_parameters dict."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -74,6 +102,7 @@ def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict:
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if cfg.rope_scaling is None else dict(cfg.rope_scaling),
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "hidden_act": "silu",

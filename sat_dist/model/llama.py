@@ -29,6 +29,7 @@ from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
 from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.model.layout import layout_of
+from sat_dist.model.rope import inverse_frequencies, rope_scaling_key
 from sat_dist.model.sat_state import SATState
 from sat_dist.model.sparse_ops import kept_linear
 from sat_dist.sat.importance import attention_scores, mlp_scores
@@ -73,10 +74,12 @@ class RMSNorm(nn.Module):
 
 
 @functools.lru_cache(maxsize=8)
-def rotary_tables(seq: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [seq, d] in Hugging Face's half-rotation convention, computed in fp32.
-    Cached: every layer of every micro-batch asks for the same tables (read-only)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+def rotary_tables(seq: int, head_dim: int, theta: float, device,
+                  scaling: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [seq, d] in Hugging Face's half-rotation convention, computed in fp32; `scaling`:
+    rope_scaling_key(cfg.rope_scaling). Cached: every layer of every micro-batch asks for the
+    same tables (read-only)."""
+    inv_freq = inverse_frequencies(head_dim, theta, scaling, device)
     freqs = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -96,6 +99,7 @@ class SATAttention(nn.Module):
         self.h, self.d, self.r = cfg.hidden_size, cfg.head_dim, cfg.heads_per_group
         self.groups = cfg.num_query_groups // comm.tp_size
         self.layer, self.sat, self.comm, self.theta = layer, sat, comm, cfg.rope_theta
+        self.rope_scaling = rope_scaling_key(cfg.rope_scaling)
         std = cfg.init_method_std
         self.qkv_weight = _init_weight(self.groups * (self.r + 2) * self.d, self.h, std=std)
         self.proj_weight = _init_weight(self.groups * self.r * self.d, self.h, std=std)
@@ -119,7 +123,7 @@ class SATAttention(nn.Module):
         q = qkv[:, :, :, :r].reshape(b, s, g * r, d).transpose(1, 2)  # [b, g*r, s, d]
         k = qkv[:, :, :, r].transpose(1, 2)  # [b, g, s, d]
         v = qkv[:, :, :, r + 1].transpose(1, 2)  # [b, g, s, d]
-        cos, sin = rotary_tables(s, d, self.theta, x.device)
+        cos, sin = rotary_tables(s, d, self.theta, x.device, self.rope_scaling)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=r > 1)
         out = out.transpose(1, 2).reshape(b, s, g * r * d)  # [b, s, g*r*d]

@@ -142,7 +142,7 @@ def run_definition(run: RunConfig, model_cfg: ModelConfig) -> dict:
     t, s = run.train, run.sat
     d = {"train-iters": t.train_iters, "lr": t.lr, "min-lr": t.min_lr, "lr-warmup-iters": t.lr_warmup_iters,
          "lr-decay-style": t.lr_decay_style, "seed": t.seed, "seq-length": t.seq_length, "split": t.split,
-         "rope_theta": model_cfg.rope_theta, "norm_eps": model_cfg.norm_eps}
+         "rope_theta": model_cfg.rope_theta, "rope_scaling": model_cfg.rope_scaling, "norm_eps": model_cfg.norm_eps}
     d.update({sat_flag(name): getattr(s, name) for name in SAT_FLAG_FIELDS})
     return d
 
