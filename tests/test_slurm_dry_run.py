@@ -224,3 +224,22 @@ def test_requeue_only_when_preempted_run_is_unfinished(tmp_path, empty_path, lat
     r = subprocess.run([BASH, "-c", code], env={"PATH": str(empty_path)}, capture_output=True, text=True)
     assert r.returncode == rc, r.stderr
     assert (calls.read_text() if calls.exists() else "") == ("requeue 77\n" if requeued else "")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_data_path_blend_becomes_separate_arguments(script, tmp_path, empty_path):
+    p = plan_of(run_script(script, tmp_path, empty_path, DATA_PATH="0.9 /data/new_text 0.1 /data/old_text"))
+    i = p.flags.index("--data-path")
+    assert p.flags[i + 1:i + 5] == ["0.9", "/data/new_text", "0.1", "/data/old_text"]
+    assert p.flags[i + 5].startswith("--")
+
+
+def test_finetune_from_starts_a_stage_once_then_resumes_its_own_checkpoints(tmp_path, empty_path):
+    stage1 = "/runs/stage1/checkpoints"
+    p = plan_of(run_script("pretrain_llama2_7b.sbatch", tmp_path, empty_path, FINETUNE_FROM=stage1))
+    assert p.flag("--load") == stage1 and "--finetune" in p.flags
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest").write_text("iter_0000250\n")  # the requeued job: the stage's own checkpoint
+    p = plan_of(run_script("pretrain_llama2_7b.sbatch", tmp_path, empty_path, FINETUNE_FROM=stage1))
+    assert p.flag("--load") == str(ckpt) and "--finetune" not in p.flags

@@ -133,11 +133,15 @@ sat_setup() {
     TORCHRUN=${TORCHRUN:-torchrun}
 }
 
-# Checkpoint and TensorBoard flags; --load only when there is something to resume.
+# Checkpoint and TensorBoard flags; --load only when there is something to resume. With
+# FINETUNE_FROM (another run's checkpoint directory) the job is a new stage: its first launch
+# loads those weights with --finetune, and a requeued job resumes its own checkpoints.
 sat_run_args() {
     SAT_RUN_ARGS=(--save "$CKPT_DIR" --tensorboard-dir "$TB_DIR")
     if [[ -f "$CKPT_DIR/latest" ]]; then
         SAT_RUN_ARGS+=(--load "$CKPT_DIR")
+    elif [[ -n "${FINETUNE_FROM:-}" ]]; then
+        SAT_RUN_ARGS+=(--load "$FINETUNE_FROM" --finetune)
     fi
 }
 
