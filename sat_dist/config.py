@@ -394,21 +394,66 @@ class TrainConfig:
                 raise SatDistError(f"--{name.replace('_', '-')}: got {v}; allowed: a number >= 0")
         if self.min_lr > self.lr:
             raise SatDistError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}; lower --min-lr")
+        self._validate_lr_schedule()
+        self._validate_stage_flags()
         for name in ("adam_beta1", "adam_beta2"):
             v = getattr(self, name)
             if not 0 <= v < 1:
                 raise SatDistError(f"--{name.replace('_', '-')}: got {v}; allowed: a number in [0, 1)")
-        if self.data_path is not None and self.tokenizer_model is None:
-            raise SatDistError("--data-path needs --tokenizer-model (the tokenizer the data was made with)")
-        if self.skip_train and not self.valid_data_path and not self.data_path:
+        for flag, value in (("--data-path", self.data_path), ("--train-data-path", self.train_data_path),
+                            ("--test-data-path", self.test_data_path)):
+            if value and self.tokenizer_model is None:
+                raise SatDistError(f"{flag} needs --tokenizer-model (the tokenizer the data was made with)")
+        if self.skip_train and not self.valid_data_path and not self.data_path and not self.test_data_path:
             raise SatDistError("--skip-train evaluates the validation sets: give --valid-data-path (or "
                                "--data-path with a validation share in --split)")
         if self.valid_data_path:
             valid_data_sets(self.valid_data_path)
-            if self.data_path is None:
-                raise SatDistError("--valid-data-path needs --data-path and --tokenizer-model: the sets are "
-                                   "read with the run's tokenizer")
+            if not self.data_path and not self.train_data_path:
+                raise SatDistError("--valid-data-path needs --data-path (or --train-data-path) and "
+                                   "--tokenizer-model: the sets are read with the run's tokenizer")
         return self
+
+    def _validate_lr_schedule(self) -> None:
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise SatDistError(f"--lr-decay-style: got {self.lr_decay_style}; allowed: {', '.join(LR_DECAY_STYLES)}")
+        if self.lr_wsd_decay_style not in WSD_DECAY_STYLES:
+            raise SatDistError(f"--lr-wsd-decay-style: got {self.lr_wsd_decay_style}; allowed: "
+                               f"{', '.join(WSD_DECAY_STYLES)}")
+        if not 0 <= self.lr_warmup_init <= self.lr:
+            raise SatDistError(f"--lr-warmup-init: got {self.lr_warmup_init}; allowed: a number in [0, --lr] "
+                               f"= [0, {self.lr}]")
+        warmup = self.lr_warmup_iters
+        if self.lr_decay_iters is not None:
+            # Only an explicit value is held to this: the default (--train-iters) may be shorter
+            # than the warmup, and the run then warms up throughout (as it always could).
+            if self.lr_decay_iters < max(warmup, 1):
+                raise SatDistError(f"--lr-decay-iters: got {self.lr_decay_iters}; allowed: an integer >= "
+                                   f"--lr-warmup-iters ({warmup}) and >= 1 (the decay ends at that step, "
+                                   f"warmup included)")
+        decay = self.train_iters if self.lr_decay_iters is None else self.lr_decay_iters
+        if self.lr_decay_style == "WSD":
+            wsd = self.lr_wsd_decay_iters
+            if wsd is None:
+                raise SatDistError("--lr-decay-style WSD needs --lr-wsd-decay-iters (the steps of the final "
+                                   "anneal, which ends at --lr-decay-iters)")
+            if not 0 <= wsd <= decay - warmup:
+                raise SatDistError(f"--lr-wsd-decay-iters: got {wsd}; allowed: an integer in [0, --lr-decay-iters - "
+                                   f"--lr-warmup-iters] = [0, {decay} - {warmup}] (the anneal follows the "
+                                   f"warmup; --lr-decay-iters defaults to --train-iters)")
+
+    def _validate_stage_flags(self) -> None:
+        stage = [f for f, on in (("--finetune", self.finetune),
+                                 ("--override-opt_param-scheduler", self.override_opt_param_scheduler),
+                                 ("--no-load-optim", self.no_load_optim), ("--no-load-rng", self.no_load_rng)) if on]
+        if stage and not self.load:
+            raise SatDistError(f"{stage[0]}: says how to load a checkpoint, but no --load is given; add --load DIR "
+                               f"or drop {stage[0]}")
+        if self.finetune and self.override_opt_param_scheduler:
+            raise SatDistError("--finetune with --override-opt_param-scheduler: contradictory (--finetune already "
+                               "starts the iteration count and every schedule at 0 from the flags); drop "
+                               "--override-opt_param-scheduler, or drop --finetune to continue the checkpoint's "
+                               "iteration count with a new schedule")
 
 
 _SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")

@@ -146,10 +146,57 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
     return d / tag
 
 
-def check_resume(ckpt_dir: str, model_cfg: ModelConfig, definition: dict) -> tuple[str, dict]:
+# What a run definition held before a key joined it: the value those runs effectively had.
+# (Checkpoints from before --sat-granularity selected afresh for every micro-batch; before
+# --lr-decay-iters the decay ended at --train-iters; before rope_scaling RoPE was plain.)
+_BACKFILL = {"sat-granularity": lambda d: "micro-batch", "lr-warmup-init": lambda d: 0.0,
+             "lr-decay-iters": lambda d: d.get("train-iters"), "lr-wsd-decay-iters": lambda d: None,
+             "lr-wsd-decay-style": lambda d: None, "rope_scaling": lambda d: None}
+
+OVERRIDE_FLAG = "--override-opt_param-scheduler"
+
+
+def schedule_key(key: str) -> bool:
+    """Whether --override-opt_param-scheduler lets a run-definition key change: the LR
+    schedule, --train-iters and the SAT flags. The others (data order, model numerics, and
+    any key added later, until it is classed here) change only with --finetune."""
+    return key in ("train-iters", "lr", "min-lr") or key.startswith(("lr-", "sat-"))
+
+
+def saved_definition(manifest: dict) -> dict:
+    """The checkpoint's run definition, keys it was saved without filled with the values it
+    effectively ran with."""
+    d = dict(manifest["run_definition"])
+    for key, value in _BACKFILL.items():
+        if key not in d:
+            d[key] = value(d)
+    return d
+
+
+def definition_changes(manifest: dict, definition: dict) -> list[str]:
+    """The run-definition keys in which this run differs from the checkpoint's."""
+    saved = saved_definition(manifest)
+    return [k for k in definition if saved.get(k) != definition[k]]
+
+
+def _shown(saved: dict, definition: dict, keys: list[str]) -> str:
+    shown = "; ".join(f"--{k} {saved.get(k)} (this run: {definition[k]})" for k in keys[:3])
+    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def check_resume(ckpt_dir: str, model_cfg: ModelConfig, definition: dict, override: bool = False,
+                 finetune: bool = False, save: Optional[str] = None) -> tuple[str, dict]:
     """(tag, manifest) of the checkpoint --load resumes; one clear error if it cannot.
     Reads only files: call it before starting any process group. Any TP x DP layout that
-    can hold the model may resume it."""
+    can hold the model may resume it.
+
+    What may differ from the checkpoint's run definition (Megatron-LM's stage flags):
+    nothing on a plain resume; with `override` (--override-opt_param-scheduler) the LR
+    schedule, --train-iters and the --sat-* flags (a new stage from the checkpoint's
+    iteration, which --train-iters must then exceed); with `finetune` anything but the
+    model's shape (weights only; everything else starts at 0). `save`: the run's --save,
+    which --finetune must not share with --load once it holds checkpoints (a rerun would
+    restart the stage instead of resuming it)."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise SatDistError(f"--load {ckpt_dir}: no such directory")
@@ -160,21 +207,35 @@ def check_resume(ckpt_dir: str, model_cfg: ModelConfig, definition: dict) -> tup
     m = read_manifest(d, tag)
     try:
         saved_model = ModelConfig(**m["model"])
-        saved_def = m["run_definition"]
+        saved_def = saved_definition(m)
         _ = m["owners"]
         _ = (m["iteration"], m["consumed_samples"], m["tensor_model_parallel_size"], m["data_parallel_size"])
     except (KeyError, TypeError) as e:
         raise SatDistError(f"--load {ckpt_dir}: {tag}/{MANIFEST} is damaged ({type(e).__name__}: {e})")
     check_same_model(saved_model, model_cfg, f"--load {ckpt_dir}: checkpoint {tag}",
                      "use the --model-config it was trained with")
-    # Checkpoints from before --sat-granularity selected afresh for every micro-batch.
-    saved_def = {"sat-granularity": "micro-batch", **saved_def}
-    diff = [k for k in definition if saved_def.get(k) != definition[k]]
-    if diff:
-        shown = "; ".join(f"--{k} {saved_def.get(k)} (this run: {definition[k]})" for k in diff[:3])
-        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
-        raise SatDistError(f"--load {ckpt_dir}: checkpoint {tag} was trained with {shown}{more}; resume with "
-                           f"the checkpoint's values, or start a new run (another --save) to change them")
+    if finetune and save and Path(save).resolve() == d.resolve():
+        raise SatDistError(f"--finetune --load {ckpt_dir} --save {save}: the directory already holds this run's "
+                           f"checkpoints ({tag}), and --finetune would restart the stage from iteration 0 over "
+                           f"them; drop --finetune to resume the stage from its own checkpoints")
+    diff = [] if finetune else definition_changes(m, definition)
+    data = [k for k in diff if not schedule_key(k)]
+    if data:
+        what = ("--finetune (load the weights only; iteration, data position, optimizer and schedules start "
+                "at 0) with another --save")
+        head = (f"{OVERRIDE_FLAG} lets the LR schedule, --train-iters and the --sat-* flags change, not these"
+                if override else "these change the data order or the model")
+        raise SatDistError(f"--load {ckpt_dir}: checkpoint {tag} was trained with {_shown(saved_def, definition, data)}"
+                           f"; {head}: resume with the checkpoint's values, or start a new stage with {what}")
+    if diff and not override:
+        raise SatDistError(f"--load {ckpt_dir}: checkpoint {tag} was trained with {_shown(saved_def, definition, diff)}"
+                           f"; resume with the checkpoint's values, or pass {OVERRIDE_FLAG} to continue from its "
+                           f"iteration with these (a new stage: the LR follows the new flags, the SAT schedule "
+                           f"restarts over the remaining iterations)")
+    if diff and definition["train-iters"] <= m["iteration"]:
+        raise SatDistError(f"--train-iters: got {definition['train-iters']}; allowed: more than the checkpoint's "
+                           f"iteration {m['iteration']} ({OVERRIDE_FLAG} starts a new stage there and trains to "
+                           f"--train-iters)")
     for r in range(m["tensor_model_parallel_size"]):
         for dp in range(m["data_parallel_size"]):
             if not (d / tag / state_file(r, dp)).is_file():
@@ -184,9 +245,19 @@ def check_resume(ckpt_dir: str, model_cfg: ModelConfig, definition: dict) -> tup
 
 
 def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, comm: ParallelComm,
-                       model_cfg: ModelConfig, stage3: bool) -> None:
+                       model_cfg: ModelConfig, stage3: bool, load_optim: bool = True, load_rng: bool = True,
+                       lr_position: Optional[int] = None) -> None:
     """Load weights, Adam moments and step, LR schedule (and RNG on the same layout) of `tag`
-    into a freshly built engine, re-partitioning from the saved TP x DP layout to this one."""
+    into a freshly built engine, re-partitioning from the saved TP x DP layout to this one.
+
+    `load_optim` False (--no-load-optim, --finetune): the weights only; Adam starts afresh
+    (moments zero, step 0: its bias correction then treats the first update as the first,
+    which zero moments need) and the LR schedule is not loaded. `lr_position`: put the LR
+    schedule (the flags' own, as build_engine made it) at this step instead of loading the
+    saved one: the new stage's LR at the checkpoint's iteration (--override-opt_param-scheduler,
+    --no-load-optim); None with load_optim loads the saved schedule, None without it leaves
+    the schedule at step 0 (--finetune). `load_rng` False (--no-load-rng, --finetune): the
+    random generators keep this run's seeding."""
     d = Path(ckpt_dir) / tag
     old_tp, owners = manifest["tensor_model_parallel_size"], manifest["owners"]
     files: dict[tuple[int, int], dict] = {}
@@ -200,18 +271,23 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
             raise SatDistError(f"--load {ckpt_dir}: {tag}/{state_file(*key)} lacks {name}; the checkpoint is damaged")
         return entry
 
-    zero.ensure_adam_state(engine.optimizer, manifest["optimizer_step"])
+    keys = ENTRY_KEYS if load_optim else ("param",)
+    if load_optim:
+        zero.ensure_adam_state(engine.optimizer, manifest["optimizer_step"])
     for name, p in zero.unique_params(model):
         if name not in owners:
             raise SatDistError(f"--load {ckpt_dir}: {tag} has no {name}; it was saved by another model")
         entries = [stored(name, r) for r in range(old_tp)]
         local = {k: reshard_local(name, [e[k] for e in entries], model_cfg, comm.tp_size, comm.tp_rank)
-                 for k in ENTRY_KEYS if entries[0].get(k) is not None}
+                 for k in keys if entries[0].get(k) is not None}
         zero.write_param_state(engine.optimizer, p, name, local, comm, stage3)
-    zero.restore_engine_counters(engine, manifest["iteration"], manifest["consumed_samples"],
-                                 manifest.get("lr_scheduler"), manifest.get("skipped_steps", 0))
+    if load_optim or lr_position is not None:
+        # --finetune keeps the fresh engine's counters (iteration 0, nothing consumed, LR step 0)
+        zero.restore_engine_counters(engine, manifest["iteration"], manifest["consumed_samples"],
+                                     manifest.get("lr_scheduler") if lr_position is None else None,
+                                     manifest.get("skipped_steps", 0), lr_position)
     same_layout = (old_tp, manifest["data_parallel_size"]) == (comm.tp_size, comm.dp_size)
-    if same_layout:
+    if same_layout and load_rng:
         own = files.get((comm.tp_rank, comm.dp_rank)) or load_state_file(d / state_file(comm.tp_rank, comm.dp_rank))
         _set_rng_state(own.get("rng"))
 

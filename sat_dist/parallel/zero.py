@@ -172,10 +172,20 @@ def engine_counters(engine) -> dict:
 
 
 def restore_engine_counters(engine, iteration: int, consumed_samples: int, lr_scheduler: Optional[dict],
-                            skipped_steps: int) -> None:
-    """Set the engine's step and sample counters and LR schedule (as engine_counters saved them)."""
-    if engine.lr_scheduler is not None and lr_scheduler:
-        sched = engine.lr_scheduler
+                            skipped_steps: int, lr_position: Optional[int] = None) -> None:
+    """Set the engine's step and sample counters and LR schedule (as engine_counters saved
+    them). `lr_position`: instead of loading a saved schedule, put the engine's own (the
+    flags') at this step (a new stage continues the iteration count with its own LR)."""
+    sched = engine.lr_scheduler
+    if sched is not None and lr_position is not None:
+        # Each group's lr from its base lr (this run's --lr) and the flags' factor, as
+        # LambdaLR computes it (its step() would warn that no optimizer step came first).
+        sched.last_epoch = lr_position
+        lrs = [base * factor(lr_position) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
+    elif sched is not None and lr_scheduler:
         sched.load_state_dict(lr_scheduler)
         # load_state_dict restores the schedule's position but not the learning rate the
         # optimizer uses for its next step; without this the first resumed step is off.

@@ -108,3 +108,22 @@ class OmissionSchedule:
             raise SatDistError(f"SAT schedule state: keys {sorted(state)}; expected {sorted(mine)}")
         self.total_steps = int(state["total_steps"])
         self.cfg = dataclasses.replace(self.cfg, **{k: state[k] for k in mine if k != "total_steps"})
+
+
+class StageSchedule:
+    """The SAT schedule of a training stage that began at iteration `start` (0 for a run's
+    first stage): an OmissionSchedule over the stage's own steps [start, train_iters),
+    asked by the run's iteration. A stage started by --override-opt_param-scheduler thus
+    runs its ladder from sparse to dense within the iterations it trains."""
+
+    def __init__(self, cfg: SATConfig, train_iters: int, start: int = 0):
+        self.start = int(start)
+        self.stage = OmissionSchedule(cfg, train_iters - self.start)
+        self.cfg = cfg
+
+    def rates(self, iteration: int) -> tuple[float, float]:
+        """(attention, MLP) omission rates of the step at run iteration `iteration`."""
+        return self.stage.rates(iteration - self.start)
+
+    def rungs(self) -> list[tuple[float, float]]:
+        return self.stage.rungs()

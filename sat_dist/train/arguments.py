@@ -137,11 +137,22 @@ def run_definition(run: RunConfig, model_cfg: ModelConfig) -> dict:
     SAT schedules, the data order (seed, sample length, split) and SAT's selection (every
     --sat-* flag: a field added to SATConfig joins the definition, and check_resume must then
     give checkpoints saved without it the value they ran with). Megatron refuses to resume
-    with different scheduler settings; so do we, naming each difference. Batch sizes and the
-    parallel layout may change (the data position is kept in samples)."""
+    with different scheduler settings; so do we, naming each difference, unless the run
+    starts a new stage (--override-opt_param-scheduler, --finetune; see check_resume). Batch
+    sizes and the parallel layout may change (the data position is kept in samples).
+
+    Values are the effective ones: --lr-decay-iters is stored resolved (its default is
+    --train-iters), and the WSD keys are None unless the decay style is WSD (they do nothing
+    otherwise, and must not refuse a resume)."""
+    from sat_dist.train.lr import decay_iters_of
+
     t, s = run.train, run.sat
+    wsd = t.lr_decay_style == "WSD"
     d = {"train-iters": t.train_iters, "lr": t.lr, "min-lr": t.min_lr, "lr-warmup-iters": t.lr_warmup_iters,
-         "lr-decay-style": t.lr_decay_style, "seed": t.seed, "seq-length": t.seq_length, "split": t.split,
+         "lr-warmup-init": t.lr_warmup_init, "lr-decay-iters": decay_iters_of(t),
+         "lr-decay-style": t.lr_decay_style, "lr-wsd-decay-iters": t.lr_wsd_decay_iters if wsd else None,
+         "lr-wsd-decay-style": t.lr_wsd_decay_style if wsd else None,
+         "seed": t.seed, "seq-length": t.seq_length, "split": t.split,
          "rope_theta": model_cfg.rope_theta, "rope_scaling": model_cfg.rope_scaling, "norm_eps": model_cfg.norm_eps}
     d.update({sat_flag(name): getattr(s, name) for name in SAT_FLAG_FIELDS})
     return d

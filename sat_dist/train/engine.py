@@ -22,7 +22,7 @@ from sat_dist.model.llama import LlamaModel
 from sat_dist.model.sat_state import SATState
 from sat_dist.parallel.state import MegatronMPU
 from sat_dist.parallel.zero import load_local_weights
-from sat_dist.train.lr import lr_at
+from sat_dist.train.lr import schedule_of
 
 DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 3}}
 
@@ -112,9 +112,11 @@ class Engine:
         """ZeRO-3: parameters are partitioned over the DP group (gathered for use)."""
         return zero_stage(self.ds_config) == 3
 
-    def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token loss of one micro-batch (the model's forward through the engine)."""
-        return self.engine(ids, labels)
+    def __call__(self, ids: torch.Tensor, labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                 segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token loss of one micro-batch (the model's forward through the engine);
+        position_ids, segment_ids [b, s]: document boundaries (sat_dist.data.documents)."""
+        return self.engine(ids, labels, position_ids=position_ids, segment_ids=segment_ids)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the micro-batch's gradient (DeepSpeed scales it by 1 / grad_accum)."""
@@ -174,10 +176,14 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
         load_local_weights(model, local, comm, stage3)
     groups = optimizer_param_groups(model)
 
+    lr_of = schedule_of(t)
+
     def schedule(optimizer):
+        # LambdaLR scales the optimizer's lr (--lr) by the factor. With --lr 0 every value is
+        # 0 (validate keeps --min-lr and --lr-warmup-init within [0, --lr]), so the factor is
+        # 0 rather than 0/0; with --lr-warmup-init > 0 the factor at step 0 is init/lr.
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_at(step, t.lr, t.min_lr, t.lr_warmup_iters, t.train_iters,
-                                          t.lr_decay_style) / t.lr if t.lr > 0 else 0.0)
+            optimizer, lambda step: lr_of(step) / t.lr if t.lr > 0 else 0.0)
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
                                            lr_scheduler=schedule, mpu=MegatronMPU(),

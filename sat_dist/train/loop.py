@@ -11,13 +11,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from sat_dist.checkpoint.state import restore_checkpoint, save_checkpoint
+from sat_dist.checkpoint.state import definition_changes, restore_checkpoint, save_checkpoint
 from sat_dist.config import ModelConfig
-from sat_dist.data.packing import PackedDataset
+from sat_dist.data.blend import BlendedDataset, position_from_manifest
+from sat_dist.data.documents import document_inputs
 from sat_dist.errors import SatDistError
 from sat_dist.faults import fault_point
 from sat_dist.model.comm import ParallelComm
-from sat_dist.sat.schedule import OmissionSchedule
+from sat_dist.sat.schedule import OmissionSchedule, StageSchedule
 from sat_dist.sat.selection import keep_count
 from sat_dist.train.arguments import RunConfig, run_definition
 from sat_dist.train.engine import Engine
@@ -48,6 +49,27 @@ def _mean_over_dp(x: torch.Tensor, comm: ParallelComm) -> torch.Tensor:
     return x
 
 
+def _eod_id(ds) -> int:
+    """The EOD id the samples' documents are joined with: the tokenizer's EOS, shared by every
+    dataset of a run (a BlendedDataset's eos_id, a PackedDataset's stream.eos_id)."""
+    eos = getattr(ds, "eos_id", None)
+    return int(eos if eos is not None else ds.stream.eos_id)
+
+
+def micro_batch_loss(eng: Engine, ids: torch.Tensor, labels: torch.Tensor, run: RunConfig, source,
+                     dev: torch.device) -> torch.Tensor:
+    """Scalar loss of one micro-batch (ids, labels [b, s] from `source`, a dataset): the mean
+    per-token loss or, with --reset-position-ids / --reset-attention-mask / --eod-mask-loss,
+    the document-aware forward and Megatron's masked mean (sat_dist.data.documents)."""
+    t = run.train
+    ids, labels = ids.to(dev), labels.to(dev)
+    if not (t.reset_position_ids or t.reset_attention_mask or t.eod_mask_loss):
+        return eng(ids, labels).float().mean()
+    doc = document_inputs(ids, _eod_id(source), reset_position_ids=t.reset_position_ids,
+                          reset_attention_mask=t.reset_attention_mask, eod_mask_loss=t.eod_mask_loss)
+    return doc.mean_loss(eng(ids, labels, **doc.model_inputs()).float())
+
+
 def _kept(sat, kind: str, layers: int) -> tuple[float, float]:
     """(mean kept units per layer over all TP ranks, kept fraction) at the last forward."""
     ks = [sat.kept.get((i, kind)) for i in range(layers)]
@@ -64,7 +86,7 @@ def _max_memory() -> tuple[str, float]:
     return "memory/max-rss-bytes", float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def eval_micro_batches(ds: PackedDataset, run: RunConfig, dp_size: int) -> int:
+def eval_micro_batches(ds: BlendedDataset, run: RunConfig, dp_size: int) -> int:
     """Micro-batches per DP rank per evaluation: --eval-iters, or fewer for a whole
     validation set (--valid-data-path) too small for them, so that no sample counts twice.
     The split's validation set keeps --eval-iters (its samples repeat if it is smaller)."""
@@ -93,7 +115,7 @@ def keep_counts_line(schedule: OmissionSchedule, model_cfg: ModelConfig, tp_size
 
 
 @torch.no_grad()
-def evaluate(eng: Engine, valid: PackedDataset, run: RunConfig, comm: ParallelComm,
+def evaluate(eng: Engine, valid: BlendedDataset, run: RunConfig, comm: ParallelComm,
              micro_batches: Optional[int] = None) -> float:
     """Mean validation loss of the DENSE model (SAT off) on the first `micro_batches`
     (default --eval-iters) micro-batches of every DP rank."""
@@ -104,8 +126,8 @@ def evaluate(eng: Engine, valid: PackedDataset, run: RunConfig, comm: ParallelCo
     total = torch.zeros((), device=dev)
     gbs = (micro_batches or t.eval_iters) * t.micro_batch_size * comm.dp_size
     n = 0
-    for ids, labels in valid.step_batches(0, gbs, t.micro_batch_size, comm.dp_rank, comm.dp_size):
-        total += eng(ids.to(dev), labels.to(dev)).float().mean()
+    for ids, labels in valid.step_batches(None, gbs, t.micro_batch_size, comm.dp_rank, comm.dp_size):
+        total += micro_batch_loss(eng, ids, labels, run, valid, dev)
         n += 1
     eng.train()
     return float(_mean_over_dp(total / n, comm))
@@ -116,7 +138,7 @@ class Trainer:
     --train-iters (or --exit-interval), or until preempted."""
 
     def __init__(self, run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
-                 datasets: dict[str, PackedDataset], log=print, definition: Optional[dict] = None):
+                 datasets: dict[str, BlendedDataset], log=print, definition: Optional[dict] = None):
         t = self.t = run.train
         self.run_cfg, self.eng, self.comm, self.model_cfg, self.log = run, eng, comm, model_cfg, log
         # What every checkpoint records for check_resume (the caller may have made it already).
@@ -124,8 +146,11 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.dev = _device()
         self.gbs = eng.ds_config["train_batch_size"]
-        self.schedule = OmissionSchedule(run.sat, t.train_iters)
+        self.stage_start = 0  # iteration at which this training stage began (see resume)
+        self.schedule = StageSchedule(run.sat, t.train_iters, self.stage_start)
         self.train_ds = datasets["train"]
+        self.data_pos = self.train_ds.start()  # samples taken from each dataset (restored on resume)
+        self.test_set = datasets.get("test")
         # "valid" (the split's, or a bare --valid-data-path prefix) logs as `lm loss
         # validation`; "valid/NAME" as `lm loss validation/NAME`.
         self.valid_sets = {k: (ds, eval_micro_batches(ds, run, comm.dp_size))
@@ -138,16 +163,61 @@ class Trainer:
         self._saved_at: Optional[int] = None  # iteration of the last checkpoint known complete
 
     def resume(self, tag: str, manifest: dict) -> None:
-        restore_checkpoint(self.eng.engine, self.eng.model, self.t.load, tag, manifest, self.comm,
-                           self.model_cfg, self.eng.stage3)
-        self.p.iteration, self.p.consumed_samples = manifest["iteration"], manifest["consumed_samples"]
-        self._saved_at = self.p.iteration
-        # The SAT schedule is the flags' own: check_resume found them equal to the checkpoint's.
+        """Continue from checkpoint `tag` of --load (check_resume allowed it), as Megatron-LM's
+        stage flags say:
+          plain --load: everything: weights, Adam, LR and SAT schedules, iteration, data
+            position, RNG (on the same layout), and the stage the checkpoint was in.
+          --override-opt_param-scheduler: as plain, but the LR is the flags' schedule at the
+            checkpoint's iteration; if the flags differ from the checkpoint's, a new stage
+            begins there: the SAT schedule spans [iteration, --train-iters).
+          --no-load-optim: weights, iteration and data position; Adam starts afresh (zero
+            moments, step 0) and the LR is the flags' schedule at the loaded iteration (what
+            Megatron's scheduler does when it is not loaded either).
+          --no-load-rng: the random generators keep this run's seeding.
+          --finetune: the weights only; iteration, data position, Adam, and the LR and SAT
+            schedules start at 0 (a new stage from another run's checkpoint).
+        The manifest stays available as `resumed_manifest`; `load_data_position` says whether
+        the data position (consumed samples, per-dataset positions) continues from it."""
+        t, p = self.t, self.p
+        self.resumed_manifest = manifest
+        self.load_data_position = not t.finetune
+        saved_iteration = manifest["iteration"]
+        if t.finetune:
+            lr_position = None
+        elif t.no_load_optim:
+            lr_position = saved_iteration
+        elif t.override_opt_param_scheduler:
+            # Megatron keeps the scheduler's step count under the override: the LR schedule
+            # position, which is behind the iteration by the skipped (non-finite) steps.
+            lr_position = (manifest.get("lr_scheduler") or {}).get("last_epoch", saved_iteration)
+        else:
+            lr_position = None
+        restore_checkpoint(self.eng.engine, self.eng.model, t.load, tag, manifest, self.comm, self.model_cfg,
+                           self.eng.stage3, load_optim=not (t.finetune or t.no_load_optim),
+                           load_rng=not (t.finetune or t.no_load_rng), lr_position=lr_position)
+        if t.finetune:
+            p.iteration, p.consumed_samples, self.stage_start = 0, 0, 0
+        else:
+            p.iteration, p.consumed_samples = saved_iteration, manifest["consumed_samples"]
+            self._saved_at = p.iteration
+            new_stage = t.override_opt_param_scheduler and bool(definition_changes(manifest, self.definition))
+            self.stage_start = saved_iteration if new_stage else manifest.get("stage_start_iteration", 0)
+        self.schedule = StageSchedule(self.run_cfg.sat, t.train_iters, self.stage_start)
         if self.rank0:
             layout = (f"TP {manifest['tensor_model_parallel_size']} x DP {manifest['data_parallel_size']}"
                       f" -> TP {self.comm.tp_size} x DP {self.comm.dp_size}")
-            self.log(f"resumed from {self.t.load} at iteration {self.p.iteration} "
-                     f"({self.p.consumed_samples} samples consumed; {layout})")
+            if t.finetune:
+                self.log(f"loaded the weights of {t.load} ({tag}; {layout}) for --finetune: iteration, data, "
+                         f"optimizer and schedules start at 0")
+            else:
+                self.log(f"resumed from {t.load} at iteration {p.iteration} "
+                         f"({p.consumed_samples} samples consumed; {layout})")
+            new = [f for f, on in (("Adam state", t.no_load_optim), ("RNG state", t.no_load_rng)) if on]
+            if new and not t.finetune:
+                self.log(f"not loaded from the checkpoint: {', '.join(new)}")
+            if not t.finetune and new_stage:
+                self.log(f"a new stage begins at iteration {self.stage_start}: LR and SAT schedules from the flags "
+                         f"(SAT over iterations {self.stage_start}-{t.train_iters})")
 
     def run(self) -> Progress:
         t, p = self.t, self.p
@@ -158,11 +228,12 @@ class Trainer:
         if self.rank0:
             self._describe()
         if t.skip_train:
-            if not self.valid_sets:
+            if not self.valid_sets and self.test_set is None:
                 raise SatDistError("--skip-train: no validation set to evaluate (the --split gives the "
                                    "validation share 0); give --valid-data-path or a nonzero share")
             try:
                 self._validate()
+                self._test()
             finally:
                 self.tb.close()
             return p
@@ -193,6 +264,8 @@ class Trainer:
                 if self.valid_sets:
                     self._validate()
                 self._save()
+                if p.iteration == t.train_iters:
+                    self._test()
         finally:
             preemption.restore()
             self.tb.close()
@@ -204,13 +277,16 @@ class Trainer:
         if self.run_cfg.sat.enabled:
             self.log(keep_counts_line(self.schedule, self.model_cfg, self.comm.tp_size))
         t = self.t
+        if len(self.train_ds.keys) > 1:
+            self.log(f"training blend: {self.train_ds.describe()}; per global batch of {self.gbs}: "
+                     + ", ".join(f"{w * self.gbs:.2f}" for w in self.train_ds.weights) + " samples")
         for key, (ds, iters) in self.valid_sets.items():
             if not ds.whole:
                 continue
             fewer = (f" (fewer than --eval-iters {t.eval_iters}: the set has {len(ds)} samples)"
                      if iters < t.eval_iters else "")
             name = f" {key[len('valid/'):]}" if key != "valid" else ""
-            self.log(f"validation set{name}: {ds.stream.reader.prefix}, {len(ds)} samples of {t.seq_length} tokens; "
+            self.log(f"validation set{name}: {', '.join(ds.keys)}, {len(ds)} samples of {t.seq_length} tokens; "
                      f"{iters} micro-batch{'es' if iters > 1 else ''} of {t.micro_batch_size} per DP rank per "
                      f"evaluation{fewer}")
 
@@ -221,15 +297,16 @@ class Trainer:
         attn_rate, mlp_rate = self.schedule.rates(p.iteration)
         loss_sum = torch.zeros((), device=self.dev)
         for micro, (ids, labels) in enumerate(self.train_ds.step_batches(
-                p.consumed_samples, self.gbs, t.micro_batch_size, self.comm.dp_rank, self.comm.dp_size)):
+                self.data_pos, self.gbs, t.micro_batch_size, self.comm.dp_rank, self.comm.dp_size)):
             eng.sat.set_step(p.iteration, micro, attn_rate, mlp_rate)
             self._check_token_ids(labels)
-            loss = eng(ids.to(self.dev), labels.to(self.dev)).float().mean()
+            loss = micro_batch_loss(eng, ids, labels, self.run_cfg, self.train_ds, self.dev)
             eng.backward(loss)
             eng.step()
             loss_sum += loss.detach()
         p.iteration += 1
         p.consumed_samples += self.gbs
+        self.train_ds.advance(self.data_pos, self.gbs)
         fault_point("sigusr1", p.iteration)
         # One all-reduce (and one host sync) per step carries the loss, the stop votes and the
         # gradient norm. TP ranks hold equal losses, so the mean over all ranks is the mean
@@ -280,7 +357,8 @@ class Trainer:
         embedding: a device assert on GPU. The batch is still on the CPU: no sync."""
         top = int(tokens.max())
         if top >= self.model_cfg.vocab_size:
-            raise SatDistError(f"--data-path {self.t.data_path}: token id {top} at iteration {self.p.iteration + 1} "
+            data = " ".join(self.t.data_path or self.t.train_data_path)
+            raise SatDistError(f"--data-path {data}: token id {top} at iteration {self.p.iteration + 1} "
                                f"is outside the model's vocabulary ({self.model_cfg.vocab_size}); the data was "
                                f"made with another tokenizer: re-run tools/preprocess_data.py")
 
@@ -333,6 +411,31 @@ class Trainer:
             else:
                 self.log(f" validation at iteration {self.p.iteration} | lm loss: {vloss:.6E} | lm loss PPL: {ppl:.3f}")
 
+    def _test(self) -> None:
+        """The test set (the split's test share, or --test-data-path), once at the end of
+        training, as Megatron does: `lm loss test`."""
+        if self.test_set is None:
+            return
+        iters = eval_micro_batches(self.test_set, self.run_cfg, self.comm.dp_size)
+        if iters < 1:
+            if self.rank0:
+                self.log(f"test set skipped: {len(self.test_set)} samples, fewer than one micro-batch per DP rank")
+            return
+        loss = evaluate(self.eng, self.test_set, self.run_cfg, self.comm, iters)
+        ppl = math.exp(min(loss, 50.0))
+        self.tb.scalars(self.p.iteration, {"lm loss test": loss, "lm loss test ppl": ppl})
+        if self.rank0:
+            self.log(f" test at iteration {self.p.iteration} | lm loss test: {loss:.6E} | lm loss test ppl: {ppl:.3f}")
+
+    def _manifest_extra(self) -> dict:
+        """What the loop adds to a checkpoint's manifest: the data position of every dataset."""
+        return {"data_positions": self.data_pos.to_manifest()}
+
+    def restore_data_position(self, manifest: dict) -> None:
+        """Continue every dataset where the checkpoint left it (this blend's proportions
+        start there if the checkpoint trained another blend)."""
+        self.data_pos = self.train_ds.start(position_from_manifest(manifest, self.train_ds))
+
     def _save(self) -> None:
         p = self.p
         if not self.t.save or p.iteration == self._saved_at:
@@ -342,18 +445,21 @@ class Trainer:
                 self.log(f"not saving at iteration {p.iteration}: {p.skipped_in_row} non-finite step(s) in a row")
             return
         save_checkpoint(self.eng.engine, self.eng.model, self.t.save, p.iteration, p.consumed_samples,
-                        self.comm, self.model_cfg, self.eng.stage3, self.definition)
+                        self.comm, self.model_cfg, self.eng.stage3, self.definition,
+                        extra={**self._manifest_extra(), "stage_start_iteration": self.stage_start})
         self._saved_at = p.iteration
         if self.rank0:
             self.log(f"saved checkpoint at iteration {p.iteration} to {self.t.save}")
 
 
 def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
-          datasets: dict[str, PackedDataset], resume: Optional[tuple[str, dict]] = None,
+          datasets: dict[str, BlendedDataset], resume: Optional[tuple[str, dict]] = None,
           log=print, definition: Optional[dict] = None) -> Progress:
     """Train; `resume` is check_resume()'s (tag, manifest) when continuing a checkpoint;
     `definition` the run definition it was checked against (made here when None)."""
     trainer = Trainer(run, eng, comm, model_cfg, datasets, log, definition)
     if resume is not None:
         trainer.resume(*resume)
+        if getattr(trainer, "load_data_position", True):
+            trainer.restore_data_position(resume[1])
     return trainer.run()

@@ -60,8 +60,12 @@ class RunPlan:
     resume: Optional[tuple[str, dict]]
     """(tag, manifest) of the checkpoint --load resumes, or None."""
     default_job: bool
+    """The embedded default job: its data, TensorBoard events and checkpoints in runs/default/
+    (no data, model or checkpoint flags of one's own)."""
+    embedded_data: bool
+    """Training on the embedded corpus (no --data-path or --train-data-path)."""
     datasets: Optional[dict]
-    """Opened datasets; None for the default job, whose data rank 0 makes once the process
+    """Opened datasets; None on the embedded corpus, which rank 0 makes once the process
     group exists."""
 
 
@@ -75,7 +79,8 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
 
     run = parse_args(argv)
     t = run.train
-    default_job = t.data_path is None
+    embedded = _embedded_data(t)
+    default_job = embedded and t.model_config in (None, "tiny") and not t.hf_checkpoint
     if default_job:
         # The embedded default: its own data, TensorBoard and checkpoints under runs/default.
         t.tensorboard_dir = t.tensorboard_dir or str(DEFAULT_RUN / "tensorboard")
@@ -93,11 +98,32 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
         # so the per-parameter checkpoint cannot be gathered there (seen with DeepSpeed 0.19).
         raise SatDistError(f"--save/--load need ZeRO stage 3 (configs/ds_zero3.json or ds_zero3_offload.json); "
                            f"{t.ds_config} uses stage {stage}")
-    datasets = None if default_job else open_datasets(t, model_cfg, dp)
+    datasets = None if embedded else open_datasets(t, model_cfg, dp)
     check_save_dir(t.save, t.load)
     definition = run_definition(run, model_cfg)
-    resume = check_resume(t.load, model_cfg, definition) if t.load else None
-    return RunPlan(run, model_cfg, hf_sd, dp, ds, definition, resume, default_job, datasets)
+    resume = check_resume(t.load, model_cfg, definition, override=t.override_opt_param_scheduler,
+                          finetune=t.finetune, save=t.save) if t.load else None
+    return RunPlan(run, model_cfg, hf_sd, dp, ds, definition, resume, default_job, embedded, datasets)
+
+
+def _embedded_data(t: TrainConfig) -> bool:
+    """Whether the run trains on the embedded corpus (no --data-path or --train-data-path).
+    Flags that only make sense with data of one's own are refused rather than ignored."""
+    if t.data_path or t.train_data_path:
+        if t.data_path and t.train_data_path:
+            raise SatDistError("--data-path and --train-data-path: give one (--data-path is split by --split; "
+                               "--train-data-path is read whole, with --valid-data-path and --test-data-path)")
+        return False
+    fix = ("give --data-path (and --tokenizer-model) for your own data; without them pretrain.py trains on the "
+           "embedded corpus, tokenized with its own tokenizer")
+    if t.hf_checkpoint:
+        raise SatDistError(f"--hf-checkpoint {t.hf_checkpoint} needs data tokenized with its tokenizer: {fix}")
+    if t.tokenizer_model:
+        raise SatDistError(f"--tokenizer-model {t.tokenizer_model} is the tokenizer of --data-path, which is not "
+                           f"given: {fix}, or drop --tokenizer-model")
+    if t.test_data_path:
+        raise SatDistError("--test-data-path needs --data-path or --train-data-path (and --tokenizer-model)")
+    return True
 
 
 def _model(run: RunConfig) -> tuple[ModelConfig, Optional[dict]]:
@@ -116,21 +142,54 @@ def _model(run: RunConfig) -> tuple[ModelConfig, Optional[dict]]:
 
 
 def open_datasets(t: TrainConfig, model_cfg: ModelConfig, dp_size: int) -> dict:
-    """The split's datasets and every --valid-data-path set, checked against the model's
-    vocabulary and the micro-batch."""
-    from sat_dist.data.packing import build_packed_datasets, build_whole_dataset
-    from sat_dist.data.tokenizer import load_tokenizer
+    """{"train", "valid", "test", "valid/NAME": BlendedDataset}: the --data-path blend's splits
+    (or the --train-data-path and --test-data-path blends, read whole) and every
+    --valid-data-path set, checked against the tokenizer, the model's vocabulary and the
+    micro-batch."""
+    from sat_dist.data.blend import BlendedDataset, dataset_key, parse_blend
+    from sat_dist.data.packing import SPLIT_NAMES, build_packed_datasets, build_whole_dataset
+    from sat_dist.data.tokenizer import load_tokenizer, tokenizer_record
 
     tok = load_tokenizer(t.tokenizer_model)
     if tok.vocab_size > model_cfg.vocab_size:
         raise SatDistError(f"--tokenizer-model {t.tokenizer_model} has {tok.vocab_size} tokens, more than the "
                            f"model's vocab_size {model_cfg.vocab_size}; use the model's tokenizer or a "
                            f"model config with vocab_size >= {tok.vocab_size}")
-    datasets = build_packed_datasets(t.data_path[-1], t.seq_length, tok.eos_id, t.seed, t.split,
-                                     vocab_size=model_cfg.vocab_size)
+    run_tok = tokenizer_record(t.tokenizer_model)
+    datasets: dict = {}
+
+    def blend_of(flag: str, values: list[str], split: Optional[str]) -> dict:
+        """{split name: BlendedDataset} of one blend flag."""
+        blend = parse_blend(values, flag)
+        check_tokenizers(flag, [p for _, p in blend], run_tok, t.tokenizer_model)
+        parts: dict[str, list] = {}
+        for w, prefix in blend:
+            try:
+                if split is not None:
+                    opened = build_packed_datasets(prefix, t.seq_length, tok.eos_id, t.seed, split,
+                                                   vocab_size=model_cfg.vocab_size)
+                else:
+                    name = "train" if flag == "--train-data-path" else "test"
+                    opened = {name: build_whole_dataset(prefix, t.seq_length, tok.eos_id, t.seed,
+                                                        model_cfg.vocab_size, name, SPLIT_NAMES.index(name),
+                                                        scan_ids=name != "train")}
+            except SatDistError as e:
+                raise SatDistError(f"{flag} {prefix}: {e}" if len(blend) > 1 else str(e)) from None
+            for name, ds in opened.items():
+                parts.setdefault(name, []).append((w, dataset_key(prefix), ds))
+        return {name: BlendedDataset([d for _, _, d in ps], [w for w, _, _ in ps], [k for _, k, _ in ps],
+                                     t.seed, name) for name, ps in parts.items()}
+
+    if t.data_path:
+        datasets.update(blend_of("--data-path", t.data_path, t.split))
+    if t.train_data_path:
+        datasets.update(blend_of("--train-data-path", t.train_data_path, None))
+    if t.test_data_path:
+        datasets.update(blend_of("--test-data-path", t.test_data_path, None))  # replaces the split's test set
     for key, prefix in valid_data_sets(t.valid_data_path).items():
         entry = prefix if key == "valid" else f"{key[len('valid/'):]}={prefix}"
         try:
+            check_tokenizers("--valid-data-path", [prefix], run_tok, t.tokenizer_model)
             ds = build_whole_dataset(prefix, t.seq_length, tok.eos_id, t.seed, model_cfg.vocab_size, key)
         except SatDistError as e:
             raise SatDistError(f"--valid-data-path {entry}: {e}") from None
@@ -139,8 +198,28 @@ def open_datasets(t: TrainConfig, model_cfg: ModelConfig, dp_size: int) -> dict:
                                f"{t.seq_length} tokens, fewer than one micro-batch per DP rank "
                                f"({t.micro_batch_size} x DP {dp_size}); use a larger set or a smaller "
                                f"--micro-batch-size")
-        datasets[key] = ds  # a bare prefix replaces the split's validation set
+        datasets[key] = BlendedDataset.single(ds, dataset_key(prefix))  # a bare prefix replaces the split's
     return datasets
+
+
+def check_tokenizers(flag: str, prefixes: list[str], run_tok: dict, tokenizer_model: str) -> None:
+    """Datasets that record their tokenizer (PREFIX.tokenizer.json, tools/preprocess_data.py)
+    must all have been made with --tokenizer-model; a blend of datasets made with different
+    tokenizers is named as such. Datasets without a record are checked by their token ids."""
+    from sat_dist.data.tokenizer import read_tokenizer_record
+
+    records = {p: read_tokenizer_record(p) for p in prefixes}
+    made = {p: r for p, r in records.items() if r is not None}
+    hashes = {r["sha256"] for r in made.values()}
+    fix = "re-run tools/preprocess_data.py with the run's tokenizer"
+    if len(hashes) > 1:
+        shown = "; ".join(f"{p} by {r.get('tokenizer', '?')} ({r['sha256'][:12]})" for p, r in made.items())
+        raise SatDistError(f"{flag}: the blend's datasets were made with different tokenizers ({shown}); {fix}")
+    for p, r in made.items():
+        if r["sha256"] != run_tok["sha256"]:
+            raise SatDistError(f"{flag} {p}: made with tokenizer {r.get('tokenizer', '?')} ({r['sha256'][:12]}), "
+                               f"not --tokenizer-model {tokenizer_model} ({run_tok['sha256'][:12]}); {fix}, or "
+                               f"pass the tokenizer it was made with")
 
 
 def _run(argv) -> int:
@@ -160,7 +239,7 @@ def _run(argv) -> int:
     rank0 = dist.get_rank() == 0
     log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
     datasets = plan.datasets
-    if plan.default_job:
+    if plan.embedded_data:
         from sat_dist.data.default_corpus import prepare_default_data
 
         if rank0:
@@ -168,6 +247,9 @@ def _run(argv) -> int:
         dist.barrier()
         prefix, t.tokenizer_model = prepare_default_data(DEFAULT_RUN / "data", log)
         t.data_path = [str(prefix)]
+        if not plan.default_job:
+            log(f"no --data-path: training on the embedded corpus ({prefix}); checkpoints and TensorBoard events "
+                f"go only where --save and --tensorboard-dir say")
         datasets = open_datasets(t, model_cfg, plan.dp_size)
     s = run.sat
     log(f"model {model_cfg.name}: {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
