@@ -104,7 +104,10 @@ class SATAttention(nn.Module):
         self.qkv_weight = _init_weight(self.groups * (self.r + 2) * self.d, self.h, std=std)
         self.proj_weight = _init_weight(self.groups * self.r * self.d, self.h, std=std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # x [b, s, h]; attn_mask bool [b, 1, s, s] (True: may attend) or None: causal;
+        # position_ids [b, s] or None: 0..s-1
         b, s, h = x.shape
         r, d = self.r, self.d
         kept = self.sat.kept_units(
@@ -124,8 +127,13 @@ class SATAttention(nn.Module):
         k = qkv[:, :, :, r].transpose(1, 2)  # [b, g, s, d]
         v = qkv[:, :, :, r + 1].transpose(1, 2)  # [b, g, s, d]
         cos, sin = rotary_tables(s, d, self.theta, x.device, self.rope_scaling)
+        if position_ids is not None:
+            # Positions restart inside the sample but never exceed s - 1: the s-row tables
+            # cover them.
+            cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)  # [b, 1, s, d]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=r > 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                             enable_gqa=r > 1)
         out = out.transpose(1, 2).reshape(b, s, g * r * d)  # [b, s, g*r*d]
         if kept is None:
             y = torch.matmul(out, self.proj_weight)  # [b, s, h] partial over TP
@@ -168,8 +176,9 @@ class DecoderLayer(nn.Module):
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SATMLP(cfg, layer, sat, comm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), attn_mask, position_ids)
         return x + self.mlp(self.pre_mlp_layernorm(x))
 
 
@@ -210,6 +219,15 @@ class OutputLayer(nn.Module):
         return logits
 
 
+def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """bool [b, 1, s, s] from document indices [b, s]: query i may attend key j iff j <= i and
+    both are in the same document (sat_dist.data.documents)."""
+    s = segment_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()  # [s, s]
+    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)  # [b, s, s]
+    return (same & causal).unsqueeze(1)
+
+
 class LlamaModel(nn.Module):
     """Llama decoder LM on local shards. forward(ids) -> local logits; with labels -> per-token loss."""
 
@@ -235,13 +253,19 @@ class LlamaModel(nn.Module):
             if not layout.replicated:
                 p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, layout.partition_dim, 1
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """ids, labels [b, s]; position_ids [b, s] (None: 0..s-1); segment_ids [b, s]: document
+        of each token, attention stays inside it (None: plain causal attention)."""
+        # Without segments no mask is made: SDPA's is_causal path stays the dense fast path.
+        attn_mask = None if segment_ids is None else document_attention_mask(segment_ids)  # [b, 1, s, s]
         x = self.embedding(ids)  # [b, s, h]
         for layer in self.layers:
             if self.recompute and torch.is_grad_enabled():
-                x = checkpoint(layer, x, use_reentrant=False)
+                x = checkpoint(layer, x, attn_mask, position_ids, use_reentrant=False)
             else:
-                x = layer(x)
+                x = layer(x, attn_mask, position_ids)
         logits = self.output_layer(self.final_layernorm(x))  # [b, s, V/tp]
         if labels is None:
             return logits
