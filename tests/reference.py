@@ -44,3 +44,16 @@ def attn_weights_from_hf(hf_attn, cfg: ModelConfig) -> tuple[torch.Tensor, torch
         rows.append(k[g * d:(g + 1) * d])
         rows.append(v[g * d:(g + 1) * d])
     return torch.cat(rows).detach().clone(), hf_attn.o_proj.weight.detach().t().contiguous()
+
+
+def rank_micro_batches(ds, consumed: int, gbs: int, mbs: int, dp_rank: int = 0, dp_size: int = 1):
+    """The micro-batches (input_ids, labels) DP rank `dp_rank` of `dp_size` trains on in the
+    step that starts after `consumed` samples of a single dataset, by the data contract: the
+    global batch is samples consumed .. consumed + gbs - 1 of the dataset's order
+    (ds.sample), and rank r takes the r-th contiguous gbs / dp_size of them."""
+    import numpy as np
+
+    per_rank = gbs // dp_size
+    first = consumed + dp_rank * per_rank
+    rows = torch.from_numpy(np.stack([ds.sample(g) for g in range(first, first + per_rank)]))
+    return [(rows[i:i + mbs, :-1], rows[i:i + mbs, 1:]) for i in range(0, per_rank, mbs)]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from sat_dist.data.blend import BlendedDataset, DataPosition
 from sat_dist.data.indexed import IndexedDatasetReader, IndexedDatasetWriter, token_dtype
 from sat_dist.data.packing import TokenStream, build_packed_datasets, parse_split, split_sample_ranges
 from sat_dist.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -279,11 +280,22 @@ def test_permutation_deterministic_by_seed(packed_prefix):
     assert order(1, epoch=0) != order(1, epoch=1)
 
 
+def _at(ds, consumed):
+    """One dataset as the training loop reads it (a blend of one) and its position after
+    `consumed` samples."""
+    blend = BlendedDataset.single(ds, "d")
+    return blend, blend.start(DataPosition({"d": consumed}, {"d": 0}, {"d": 1.0}))
+
+
+def _batches(ds, consumed, G, mb, dp_rank=0, dp_size=1):
+    blend, pos = _at(ds, consumed)
+    return blend.step_batches(pos, G, mb, dp_rank=dp_rank, dp_size=dp_size)
+
+
 def _run_steps(ds, first_step, steps, G, mb, dp_rank=0, dp_size=1):
     out = []
     for step in range(first_step, first_step + steps):
-        out.append([(x.clone(), y.clone()) for x, y in
-                    ds.step_batches(step * G, G, mb, dp_rank=dp_rank, dp_size=dp_size)])
+        out.append([(x.clone(), y.clone()) for x, y in _batches(ds, step * G, G, mb, dp_rank, dp_size)])
     return out
 
 
@@ -311,10 +323,10 @@ def test_dp_ranks_union_is_the_global_batch(packed_prefix, dp_size, mb):
     G = 8
     ds = build_packed_datasets(packed_prefix, 3, EOS, seed=9, split="1")["train"]
     for step in range(3):
-        single = torch.cat([x for x, _ in ds.step_batches(step * G, G, G)])  # [G, seq]
+        single = torch.cat([x for x, _ in _batches(ds, step * G, G, G)])  # [G, seq]
         ranks_x, ranks_y = [], []
         for r in range(dp_size):
-            for x, y in ds.step_batches(step * G, G, mb, dp_rank=r, dp_size=dp_size):
+            for x, y in _batches(ds, step * G, G, mb, dp_rank=r, dp_size=dp_size):
                 assert x.shape == (mb, 3) and x.dtype == torch.long
                 ranks_x.append(x)
                 ranks_y.append(y)
@@ -322,7 +334,7 @@ def test_dp_ranks_union_is_the_global_batch(packed_prefix, dp_size, mb):
         rows = [ds.sample(g) for g in range(step * G, (step + 1) * G)]
         assert torch.equal(torch.cat(ranks_y), torch.tensor(np.stack(rows))[:, 1:])
     with pytest.raises(SatDistError):
-        next(ds.step_batches(0, G, 3, dp_rank=0, dp_size=2))  # 3 does not divide 4
+        next(_batches(ds, 0, G, 3, dp_rank=0, dp_size=2))  # 3 does not divide 4
 
 
 def test_split_sizes_and_disjoint_ranges(tmp_path):

@@ -26,7 +26,7 @@ from sat_dist.parallel.state import init_distributed
 from sat_dist.train.loop import micro_batch_loss
 from tests.dist_harness import run_ranks
 from tests.launchers import _flags, scalars, torchrun
-from tests.reference import hf_config
+from tests.reference import hf_config, rank_micro_batches
 
 EOD = 2
 CFG = ModelConfig(hidden_size=32, ffn_hidden_size=128, num_layers=2, num_attention_heads=8,
@@ -297,9 +297,9 @@ def test_run_with_the_three_flags(corpus, hf_init, short_docs, tmp_path):
     sets = build_packed_datasets(prefix, SEQ, eos, TrainConfig().seed, "90,10,0")
     lm = scalars(tmp_path / "tb", "lm loss")
     for step in (1, 2):  # global batch 8, micro-batch 2, DP 2
-        batches = [mb for rank in (0, 1) for mb in sets["train"].step_batches((step - 1) * 8, 8, 2, rank, 2)]
+        batches = [mb for rank in (0, 1) for mb in rank_micro_batches(sets["train"], (step - 1) * 8, 8, 2, rank, 2)]
         assert all(int((ids == eos).sum()) >= 2 for ids, _ in batches)  # boundaries in every micro-batch
         assert lm[step] == pytest.approx(_hf_run_loss(hf, batches, eos), abs=2e-5), step
-    batches = [mb for rank in (0, 1) for mb in sets["valid"].step_batches(0, 8, 2, rank, 2)]
+    batches = [mb for rank in (0, 1) for mb in rank_micro_batches(sets["valid"], 0, 8, 2, rank, 2)]
     assert scalars(tmp_path / "tb", "lm loss validation")[2] == pytest.approx(
         _hf_run_loss(hf, batches, eos), abs=2e-5)

@@ -13,6 +13,7 @@ import torch
 
 from sat_dist.data.tokenizer import load_tokenizer
 from tests.launchers import BIN, PRETRAIN, REPO, _env, _flags, _port, scalars, torchrun
+from tests.reference import rank_micro_batches
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_tp2_dp2_zero3_matches_tp1_dp2_and_exports_to_transformers(corpus, hf_in
     valid = build_packed_datasets(corpus["data"], 64, tok.eos_id, 1234, "90,10,0")["valid"]
     losses = []
     with torch.no_grad():
-        for ids, labels in valid.step_batches(0, 2 * 2 * 2, 2, 0, 1):  # eval-iters 2 x micro 2 x DP 2
+        for ids, labels in rank_micro_batches(valid, 0, 2 * 2 * 2, 2, 0, 1):  # eval-iters 2 x micro 2 x DP 2
             logits = model(ids).logits
             losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()))
     hf_loss = float(torch.stack(losses).mean())

@@ -13,11 +13,12 @@ huge files splits as well as one of many small ones). The price: the document at
 has its start in one split and its end in the next.
 
 Each split is shuffled on its own, per epoch, by numpy Generators seeded from
-(seed, split, epoch); global state is never touched. The position of a run is one integer,
-`consumed_samples`: sample g of a split (g counts across epochs) is
-sample perm_{g // n}[g % n] of its range. Step i of global batch G uses g in [i*G, (i+1)*G);
-data-parallel rank r of D takes the r-th contiguous G/D of it. A run restored from a
-checkpoint with its consumed_samples continues exactly where it stopped, at any DP size.
+(seed, split, epoch); global state is never touched. The position in a dataset is one
+integer, the samples consumed from it: sample g of a split (g counts across epochs) is
+sample perm_{g // n}[g % n] of its range. Which samples make a global batch, and which of
+them each data-parallel rank takes, is sat_dist.data.blend's (a single --data-path prefix is
+a blend of one: step i of global batch G uses g in [i*G, (i+1)*G), DP rank r of D the r-th
+contiguous G/D of it). A run restored with its positions continues exactly, at any DP size.
 
 A validation set of its own (--valid-data-path) is a whole dataset: every sample of its
 stream, no split, shuffled like the valid split (split index 1).
@@ -27,10 +28,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
-import torch
 
 from sat_dist.data.indexed import IndexedDatasetReader
 from sat_dist.errors import SatDistError
@@ -116,37 +116,6 @@ class PackedDataset:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.sample(index)
-
-    def rank_sample_range(self, consumed_samples: int, global_batch_size: int,
-                          dp_rank: int = 0, dp_size: int = 1) -> range:
-        """Global sample indices this DP rank uses in the step starting at consumed_samples."""
-        if dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise SatDistError(f"data: dp_rank {dp_rank} outside [0, dp_size={dp_size})")
-        if global_batch_size < 1 or global_batch_size % dp_size:
-            raise SatDistError(f"data: global_batch_size {global_batch_size} is not a positive "
-                               f"multiple of the data-parallel size {dp_size}")
-        if consumed_samples < 0:
-            raise SatDistError(f"data: consumed_samples {consumed_samples} is negative")
-        per_rank = global_batch_size // dp_size
-        start = consumed_samples + dp_rank * per_rank
-        return range(start, start + per_rank)
-
-    def step_batches(self, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
-                     dp_rank: int = 0, dp_size: int = 1
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches of one optimizer step: (input_ids, labels), each a
-        LongTensor [micro_batch_size, seq_length]. After the step, consumed_samples grows by
-        global_batch_size, whatever the DP size.
-        """
-        indices = self.rank_sample_range(consumed_samples, global_batch_size, dp_rank, dp_size)
-        if micro_batch_size < 1 or len(indices) % micro_batch_size:
-            raise SatDistError(f"data: micro_batch_size {micro_batch_size} does not divide the "
-                               f"{len(indices)} samples per DP rank (global_batch_size "
-                               f"{global_batch_size} / dp_size {dp_size})")
-        for i in range(0, len(indices), micro_batch_size):
-            rows = [self.sample(g) for g in indices[i:i + micro_batch_size]]
-            tokens = torch.from_numpy(np.stack(rows))  # [micro_batch, seq + 1]
-            yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
 def parse_split(split: str) -> list[float]:
