@@ -460,6 +460,6 @@ def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfi
     trainer = Trainer(run, eng, comm, model_cfg, datasets, log, definition)
     if resume is not None:
         trainer.resume(*resume)
-        if getattr(trainer, "load_data_position", True):
+        if trainer.load_data_position:
             trainer.restore_data_position(resume[1])
     return trainer.run()

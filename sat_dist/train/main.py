@@ -206,9 +206,10 @@ def check_tokenizers(flag: str, prefixes: list[str], run_tok: dict, tokenizer_mo
     """Datasets that record their tokenizer (PREFIX.tokenizer.json, tools/preprocess_data.py)
     must all have been made with --tokenizer-model; a blend of datasets made with different
     tokenizers is named as such. Datasets without a record are checked by their token ids."""
+    from sat_dist.data.blend import dataset_key
     from sat_dist.data.tokenizer import read_tokenizer_record
 
-    records = {p: read_tokenizer_record(p) for p in prefixes}
+    records = {p: read_tokenizer_record(dataset_key(p)) for p in prefixes}
     made = {p: r for p, r in records.items() if r is not None}
     hashes = {r["sha256"] for r in made.values()}
     fix = "re-run tools/preprocess_data.py with the run's tokenizer"
