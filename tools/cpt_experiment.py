@@ -65,7 +65,25 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "mlp-act-micro": ("as mlp-act, selection per micro-batch (micro-batch 1, 4 per step)",
                       sat("activation", "topk", "0", "0.3", "--sat-granularity", "micro-batch",
                           "--micro-batch-size", "1")),
+    # Replay (issue [H]), run after the LR schedule took Megatron's definition (step 0 at the
+    # warmup's start): dense-h is the dense arm again at that code, the reference of the two
+    # replay arms. "sat-default" takes the project's SAT defaults.
+    "dense-h": ("dense, at the code of the replay arms", ["--sat-schedule", "dense"]),
+    "dense-replay": ("dense, 10% of each batch replayed from the old domain (--data-path 0.9 new 0.1 old)",
+                     ["--sat-schedule", "dense"]),
+    "sat-replay": ("the project's SAT defaults, with 10% replay", []),
 }
+
+REPLAY_SHARE = {"dense-replay": 0.1, "sat-replay": 0.1}
+"""Arms whose training data is a blend of new_train with this share of old_train."""
+
+
+def data_flags(out: Path, arm: str) -> list[str]:
+    data = out / "data"
+    share = REPLAY_SHARE.get(arm.split("@")[0])
+    if share is None:
+        return ["--data-path", str(data / "new_train")]
+    return ["--data-path", str(1 - share), str(data / "new_train"), str(share), str(data / "old_train")]
 
 
 def arm_dir(out: Path, arm: str) -> Path:
@@ -79,7 +97,7 @@ def command(out: Path, arm: str, iters: int) -> list[str]:
     model = out / "smollm2-135m"
     return [sys.executable, str(ROOT / "launch" / "pretrain.py"), *COMMON,
             "--hf-checkpoint", str(model), "--tokenizer-model", str(model / "tokenizer.json"),
-            "--data-path", str(data / "new_train"), "--split", "100,0,0",
+            *data_flags(out, arm), "--split", "100,0,0",
             "--valid-data-path", f"new={data / 'new_heldout'}", f"old={data / 'old_heldout'}",
             "--train-iters", str(iters), *flags,
             "--tensorboard-dir", str(d / "tensorboard"),
