@@ -60,6 +60,7 @@ def test_parse_blend_normalises_and_refuses_malformed():
         (["inf", "/d/a", "1", "/d/b"], "weight inf of /d/a"),
         (["nan", "/d/a", "1", "/d/b"], "weight nan of /d/a"),
         (["/d/a", "1", "/d/b", "1"], "weight '/d/a' of 1 is not a number"),
+        (["/d/a", "/d/b"], "2 prefixes without weights"),
         (["1", "2", "1", "/d/b"], "'2' after weight 1 looks like a weight"),
         (["1", "/d/a", "1", "/d/a.bin"], "/d/a.bin appears twice"),
     ]:
@@ -217,4 +218,32 @@ def test_position_of_an_old_checkpoint_cannot_seed_a_blend(tmp_path):
     blend = _blend([_dataset(tmp_path, "a", 100), _dataset(tmp_path, "b", 200)], [0.5, 0.5])
     with pytest.raises(SatDistError, match="predates data blends"):
         position_from_manifest({"consumed_samples": 40}, blend)
-    assert DataPosition().to_manifest() == {"consumed": {}, "blend_start": {}, "weights": {}}
+    assert DataPosition().to_manifest() == {"consumed": {}, "blend_start": {}, "weights": {}, "fingerprints": {}}
+
+
+def test_a_moved_dataset_keeps_its_position(tmp_path):
+    """The same files under another path (node-local scratch, a symlink): found by their
+    documents and tokens, not restarted at sample 0; other data under the old name is not."""
+    import shutil
+
+    a, b = _dataset(tmp_path, "a", 100), _dataset(tmp_path, "b", 200)
+    blend = _blend([a, b], [0.75, 0.25])
+    pos = blend.start()
+    for _ in range(4):
+        blend.advance(pos, 8)
+    saved = {"data_positions": pos.to_manifest()}
+    (tmp_path / "scratch").mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(a + suffix, tmp_path / "scratch" / f"a{suffix}")
+    moved_a = str(tmp_path / "scratch" / "a")
+    moved = _blend([moved_a, b], [0.75, 0.25])
+    got = moved.start(position_from_manifest(saved, moved))
+    assert got.consumed[moved.keys[0]] == 24 and got.consumed[moved.keys[1]] == 8
+    assert got.blend_start == {moved.keys[0]: 0, moved.keys[1]: 0}  # the same blend goes on
+    assert "is now" in moved.start_notes[0]
+    rows = torch.cat([x for x, _ in moved.step_batches(got, 8, 8)])
+    ref = torch.cat([x for x, _ in blend.step_batches(pos, 8, 8)])
+    assert torch.equal(rows, ref)  # exactly the batch the unmoved run reads next
+    other = _blend([_dataset(tmp_path, "c", 300), b], [0.75, 0.25])  # other data: starts at 0, said so
+    got = other.start(position_from_manifest(saved, other))
+    assert got.consumed[other.keys[0]] == 0 and "start at sample 0" in other.start_notes[0]

@@ -197,7 +197,7 @@ def test_micro_batch_loss_is_the_masked_mean_of_each_document_alone():
     ids, labels = _packed()
     model = _ours(hf)
     run = SimpleNamespace(train=SimpleNamespace(**ALL))
-    source = SimpleNamespace(stream=SimpleNamespace(eos_id=EOD))
+    source = SimpleNamespace(eos_id=EOD)
     loss = micro_batch_loss(model, ids, labels, run, source, torch.device("cpu"))
     with torch.no_grad():
         want = _masked_reference_loss(lambda x: hf(x).logits, ids, labels)

@@ -120,3 +120,37 @@ def test_blend_of_two_tokenizers_is_one_clear_error(corpus, domains, tmp_path, c
     # A dataset's record against --tokenizer-model.
     assert f"--data-path {other}: made with tokenizer other.model" in error_of(_flags(corpus, **{"data-path": other}))
     assert digest(tmp_path) == before
+
+
+def test_train_and_test_data_paths_read_whole_blends(corpus, domains, hf_init, tmp_path):
+    """--train-data-path (a blend, no split) trains; --test-data-path is evaluated once at the
+    end as `lm loss test`. At --lr 0 from the HF weights the logged test loss must equal
+    transformers' mean loss on the samples the contract names: the test set's first
+    2 micro-batches x 2 x DP 2 samples, in its order (shuffled as split 2)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from sat_dist.config import TrainConfig
+    from sat_dist.data.packing import build_whole_dataset
+    from tests.reference import rank_micro_batches
+
+    flags = _flags(corpus, **{"data-path": None, "hf-checkpoint": hf_init, "model-config": None, "lr": 0,
+                              "min-lr": 0, "lr-warmup-iters": 0, "train-iters": 2, "sat-schedule": "dense",
+                              "save": tmp_path / "ckpt", "tensorboard-dir": tmp_path / "tb"})
+    flags += ["--train-data-path", "0.75", domains["new"], "0.25", domains["old"],
+              "--test-data-path", domains["new_val"]]
+    r = torchrun(2, flags)
+    assert "test at iteration 2 | lm loss test:" in r.stdout
+    m = json.loads((tmp_path / "ckpt" / "iter_0000002" / "sat_dist.json").read_text())
+    assert m["data_positions"]["consumed"] == {domains["new"]: 12, domains["old"]: 4}
+    eos = load_tokenizer(corpus["tok"]).eos_id
+    test = build_whole_dataset(domains["new_val"], 64, eos, TrainConfig().seed, None, "test", 2)
+    hf = LlamaForCausalLM.from_pretrained(hf_init).float().eval()
+    losses = []
+    with torch.no_grad():
+        for rank in (0, 1):
+            for ids, labels in rank_micro_batches(test, 0, 8, 2, rank, 2):
+                logits = hf(ids).logits
+                losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()))
+    want = float(torch.stack(losses).mean())
+    assert scalars(tmp_path / "tb", "lm loss test")[2] == pytest.approx(want, abs=2e-5)

@@ -15,6 +15,7 @@ or another run's saved tensors. One stage-1 checkpoint (iteration 4 of 6) serves
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -121,24 +122,30 @@ def test_finetune_loads_the_weights_only_and_its_stage_resumes(corpus, stage1, t
 
 def test_no_load_optim_and_no_load_rng(corpus, stage1, tmp_path):
     """One step (iteration 5) after a full resume, --no-load-optim and --no-load-rng. Without
-    the Adam state the update differs (fresh moments, bias correction from step 1); the LR is
-    the same (the flags' schedule at the loaded iteration). Without the RNG state nothing
+    the Adam state the update differs (fresh moments, bias correction from step 1) and the LR
+    schedule starts again at its step 0 (Megatron's --no-load-optim). Without the RNG state nothing
     changes: the model has no dropout and SAT's selection is seeded by --seed and the
     iteration, not by the global generators, so the RNG does not influence training."""
     runs = {}
     for name, extra in (("full", {}), ("optim", {"no-load-optim": True}), ("rng", {"no-load-rng": True})):
         d = tmp_path / name
-        torchrun(2, _flags(corpus, load=stage1 / "ckpt", save=d / "ckpt", **{**STAGE1, "exit-interval": 5},
-                           **extra, **{"tensorboard-dir": d / "tb"}))
+        r = torchrun(2, _flags(corpus, load=stage1 / "ckpt", save=d / "ckpt", **{**STAGE1, "exit-interval": 5},
+                               **extra, **{"tensorboard-dir": d / "tb"}))
         runs[name] = (_params(d / "ckpt", 5), _params(d / "ckpt", 5, "exp_avg"),
-                      scalars(d / "tb", "learning-rate")[5], _manifest(d / "ckpt", 5))
+                      scalars(d / "tb", "learning-rate")[5], _manifest(d / "ckpt", 5), r.stdout)
     full, optim, rng = runs["full"], runs["optim"], runs["rng"]
     assert all(torch.equal(full[0][k], rng[0][k]) for k in full[0])
     assert all(torch.equal(full[1][k], rng[1][k]) for k in full[1])
     assert any(not torch.equal(full[0][k], optim[0][k]) for k in full[0])
-    assert full[2] == optim[2] == rng[2]
+    # Logged after step 5: the next step's LR. Full resume: cosine at (5 - 1) / (6 - 1) of the
+    # decay; --no-load-optim: the schedule's step 1, the end of its 1-step warmup.
+    assert full[2] == rng[2] == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 0.8)), rel=1e-6)
+    assert optim[2] == pytest.approx(1e-3, rel=1e-6)
     assert (full[3]["optimizer_step"], optim[3]["optimizer_step"]) == (5, 1)
     assert optim[3]["consumed_samples"] == full[3]["consumed_samples"] == 40
+    # The RNG flag cannot show in the losses (above); the resume says which state it skipped.
+    assert "not loaded from the checkpoint: RNG state" in rng[4]
+    assert "not loaded from the checkpoint: Adam state" in optim[4] and "not loaded" not in full[4]
     assert all(not torch.equal(full[1][k], optim[1][k]) for k in full[1])  # moments from zero
 
 

@@ -5,7 +5,8 @@ of one) trains on a mix whose every global batch holds each dataset's share as c
 integers allow: with weight w and global batch G a dataset gets floor(w*G) or ceil(w*G)
 samples, and which datasets get the extra sample is decided by how far each has fallen
 behind its weight since the blend began, so the cumulative count of every dataset stays
-within one sample of w * (samples drawn). Nothing is random in the counts; the order of the
+within one sample of w * (samples drawn) while the global batch size stays the same (a
+resume with another one can add a fraction of a sample). Nothing is random in the counts; the order of the
 samples inside a global batch is shuffled, seeded by (--seed, samples drawn), so that every
 DP rank sees the mix and not one dataset.
 
@@ -43,6 +44,9 @@ def parse_blend(values: list[str], flag: str) -> list[tuple[float, str]]:
         if _is_float(values[0]):
             raise SatDistError(f"{flag} {values[0]}: a weight without a dataset prefix; {_BLEND_FORMAT}")
         return [(1.0, values[0])]
+    if not any(_is_float(v) for v in values):
+        raise SatDistError(f"{flag}: {len(values)} prefixes without weights; give each its weight "
+                           f"(Megatron's unweighted list is not supported); {_BLEND_FORMAT}")
     if len(values) % 2:
         raise SatDistError(f"{flag}: got {len(values)} values ({' '.join(values)}); {_BLEND_FORMAT}")
     pairs = []
@@ -108,10 +112,14 @@ class DataPosition:
     blend_start: dict[str, int] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
     """The weights of the blend that began at blend_start."""
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """What each dataset is, whatever its path: documents and tokens of its files. A dataset
+    moved to another path (node-local scratch, a symlink, relative vs absolute) is found by
+    it and keeps its position."""
 
     def to_manifest(self) -> dict:
         return {"consumed": dict(self.consumed), "blend_start": dict(self.blend_start),
-                "weights": dict(self.weights)}
+                "weights": dict(self.weights), "fingerprints": dict(self.fingerprints)}
 
 
 class BlendedDataset:
@@ -122,6 +130,7 @@ class BlendedDataset:
         if not (len(parts) == len(weights) == len(keys)) or not parts:
             raise SatDistError("data: a blend needs as many weights and keys as datasets (at least one)")
         self.datasets, self.weights, self.keys, self.seed, self.name = parts, list(weights), list(keys), seed, name
+        self.start_notes: list[str] = []
 
     @classmethod
     def single(cls, ds: PackedDataset, key: str) -> "BlendedDataset":
@@ -141,18 +150,44 @@ class BlendedDataset:
         """Samples per epoch over all datasets."""
         return sum(len(p) for p in self.datasets)
 
+    def samples_without_repeat(self) -> int:
+        """How many samples the blend serves from its start before some dataset repeats one:
+        a dataset of n samples and weight w lasts about n / w."""
+        return int(min(len(d) / w for d, w in zip(self.datasets, self.weights)))
+
+    def fingerprints(self) -> dict[str, str]:
+        return {k: f"{len(d.stream.reader)} documents, {d.stream.reader.num_tokens} tokens"
+                for k, d in zip(self.keys, self.datasets)}
+
     def start(self, position: Optional[DataPosition] = None) -> DataPosition:
         """The position to read from: `position` (restored from a checkpoint) continued by
         this blend. A checkpoint of another blend (other weights or datasets) keeps each
-        dataset's position, and this blend's proportions start counting there."""
+        dataset's position, and this blend's proportions start counting there. A dataset
+        whose path changed is recognised by its fingerprint. What did not carry over is in
+        `self.start_notes` (for the log)."""
         pos = position or DataPosition()
-        consumed = {k: pos.consumed.get(k, 0) for k in self.keys}
-        consumed.update({k: v for k, v in pos.consumed.items() if k not in consumed})  # kept for later stages
+        prints = self.fingerprints()
+        renamed = _match_moved(pos, prints)  # old key -> new key
+        old = {renamed.get(k, k): v for k, v in pos.consumed.items()}
+        consumed = {k: old.get(k, 0) for k in self.keys}
+        consumed.update({k: v for k, v in old.items() if k not in consumed})  # kept for later stages
         weights = dict(zip(self.keys, self.weights))
-        same_blend = pos.weights and set(pos.weights) == set(weights) and all(
-            math.isclose(pos.weights[k], weights[k], rel_tol=1e-9) for k in weights)
-        start = dict(pos.blend_start) if same_blend else {k: consumed[k] for k in self.keys}
-        return DataPosition(consumed, start, weights)
+        saved_weights = {renamed.get(k, k): w for k, w in pos.weights.items()}
+        same_blend = saved_weights and set(saved_weights) == set(weights) and all(
+            math.isclose(saved_weights[k], weights[k], rel_tol=1e-9) for k in weights)
+        start = ({renamed.get(k, k): v for k, v in pos.blend_start.items()} if same_blend
+                 else {k: consumed[k] for k in self.keys})
+        self.start_notes = [f"data: {a} of the checkpoint is now {b} (same documents and tokens): "
+                            f"its position {consumed[b]} carries over" for a, b in renamed.items()]
+        if position is not None:
+            fresh = [k for k in self.keys if k not in old]
+            left = [k for k in old if k not in self.keys and old[k]]
+            if fresh and left:
+                self.start_notes.append(f"data: {', '.join(fresh)} start at sample 0, and the checkpoint's "
+                                        f"{', '.join(left)} are not in this blend (their positions are kept)")
+        fingerprints = {k: v for k, v in pos.fingerprints.items() if k not in renamed}
+        fingerprints.update(prints)
+        return DataPosition(consumed, start, weights, fingerprints)
 
     def global_batch(self, pos: DataPosition, gbs: int) -> list[tuple[int, int]]:
         """The next global batch: (dataset index, sample index in that dataset) per slot."""
@@ -196,6 +231,19 @@ class BlendedDataset:
         return ", ".join(f"{w:.3g} {k} ({len(p)} samples)" for w, k, p in zip(self.weights, self.keys, self.datasets))
 
 
+def _match_moved(pos: DataPosition, prints: dict[str, str]) -> dict[str, str]:
+    """{checkpoint key: blend key} for datasets of the checkpoint that are in the blend under
+    another path: same fingerprint, the one dataset that has it on either side."""
+    missing = {k: pos.fingerprints.get(k) for k in pos.consumed if k not in prints}
+    new = [k for k in prints if k not in pos.consumed]
+    out = {}
+    for k, fp in missing.items():
+        same = [n for n in new if fp and prints[n] == fp]
+        if len(same) == 1 and sum(1 for f in missing.values() if f == fp) == 1:
+            out[k] = same[0]
+    return out
+
+
 def position_from_manifest(manifest: dict, blend: BlendedDataset) -> DataPosition:
     """The data position a checkpoint saved; a checkpoint from before blends holds only
     consumed_samples, which is the position of its single dataset."""
@@ -203,7 +251,8 @@ def position_from_manifest(manifest: dict, blend: BlendedDataset) -> DataPositio
     if saved is not None:
         return DataPosition({k: int(v) for k, v in saved["consumed"].items()},
                             {k: int(v) for k, v in saved["blend_start"].items()},
-                            {k: float(v) for k, v in saved["weights"].items()})
+                            {k: float(v) for k, v in saved["weights"].items()},
+                            dict(saved.get("fingerprints", {})))
     if len(blend.keys) == 1:
         k = blend.keys[0]
         return DataPosition({k: int(manifest["consumed_samples"])}, {k: 0}, {k: 1.0})

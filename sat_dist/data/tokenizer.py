@@ -44,6 +44,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def piece(self, token_id: int) -> Optional[str]:
+        """The vocabulary entry of an id (None where the id has none)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size}, "
                 f"eos_id={self.eos_id}, bos_id={self.bos_id})")
@@ -74,6 +78,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def piece(self, token_id: int) -> Optional[str]:
+        return self._sp.id_to_piece(int(token_id))
 
 
 class HFTokenizer(Tokenizer):
@@ -114,6 +121,9 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def piece(self, token_id: int) -> Optional[str]:
+        return self._tok.id_to_token(int(token_id))
+
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer file; a directory is searched for tokenizer.model, then tokenizer.json.
@@ -132,11 +142,15 @@ tokenizer made the dataset (Megatron's format itself does not say)."""
 
 
 def tokenizer_record(path: str | Path) -> dict:
-    """What identifies a tokenizer: its file's SHA-256, plus its name, vocabulary and EOS."""
+    """What identifies a tokenizer: the SHA-256 of its vocabulary (every id's entry, in id
+    order, and the EOS id), so that a model's tokenizer.model and its tokenizer.json, which
+    map text to the same ids, have the same record; plus its file's name and SHA-256."""
     p = tokenizer_file(path)
     tok = load_tokenizer(p)
-    return {"tokenizer": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
-            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+    vocab = "\n".join(str(tok.piece(i)) for i in range(tok.vocab_size)) + f"\neos={tok.eos_id}"
+    return {"tokenizer": p.name, "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+            "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id}
 
 
 def write_tokenizer_record(prefix: str | Path, record: dict) -> None:
@@ -152,8 +166,9 @@ def read_tokenizer_record(prefix: str | Path) -> Optional[dict]:
         record = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SatDistError(f"{f}: unreadable ({type(e).__name__}); delete it or re-run tools/preprocess_data.py")
-    if not isinstance(record, dict) or "sha256" not in record:
-        raise SatDistError(f"{f}: not a tokenizer record (no sha256); delete it or re-run tools/preprocess_data.py")
+    if not isinstance(record, dict) or "vocab_sha256" not in record:
+        raise SatDistError(f"{f}: not a tokenizer record (no vocab_sha256); delete it or re-run "
+                           f"tools/preprocess_data.py")
     return record
 
 

@@ -18,7 +18,7 @@ from sat_dist.data.documents import document_inputs
 from sat_dist.errors import SatDistError
 from sat_dist.faults import fault_point
 from sat_dist.model.comm import ParallelComm
-from sat_dist.sat.schedule import OmissionSchedule, StageSchedule
+from sat_dist.sat.schedule import StageSchedule
 from sat_dist.sat.selection import keep_count
 from sat_dist.train.arguments import RunConfig, run_definition
 from sat_dist.train.engine import Engine
@@ -49,13 +49,6 @@ def _mean_over_dp(x: torch.Tensor, comm: ParallelComm) -> torch.Tensor:
     return x
 
 
-def _eod_id(ds) -> int:
-    """The EOD id the samples' documents are joined with: the tokenizer's EOS, shared by every
-    dataset of a run (a BlendedDataset's eos_id, a PackedDataset's stream.eos_id)."""
-    eos = getattr(ds, "eos_id", None)
-    return int(eos if eos is not None else ds.stream.eos_id)
-
-
 def micro_batch_loss(eng: Engine, ids: torch.Tensor, labels: torch.Tensor, run: RunConfig, source,
                      dev: torch.device) -> torch.Tensor:
     """Scalar loss of one micro-batch (ids, labels [b, s] from `source`, a dataset): the mean
@@ -65,7 +58,7 @@ def micro_batch_loss(eng: Engine, ids: torch.Tensor, labels: torch.Tensor, run: 
     ids, labels = ids.to(dev), labels.to(dev)
     if not (t.reset_position_ids or t.reset_attention_mask or t.eod_mask_loss):
         return eng(ids, labels).float().mean()
-    doc = document_inputs(ids, _eod_id(source), reset_position_ids=t.reset_position_ids,
+    doc = document_inputs(ids, int(source.eos_id), reset_position_ids=t.reset_position_ids,
                           reset_attention_mask=t.reset_attention_mask, eod_mask_loss=t.eod_mask_loss)
     return doc.mean_loss(eng(ids, labels, **doc.model_inputs()).float())
 
@@ -88,15 +81,15 @@ def _max_memory() -> tuple[str, float]:
 
 def eval_micro_batches(ds: BlendedDataset, run: RunConfig, dp_size: int) -> int:
     """Micro-batches per DP rank per evaluation: --eval-iters, or fewer for a whole
-    validation set (--valid-data-path) too small for them, so that no sample counts twice.
-    The split's validation set keeps --eval-iters (its samples repeat if it is smaller)."""
+    set (--valid-data-path, --test-data-path) too small for them, so that no sample counts
+    twice. The split's validation set keeps --eval-iters (its samples repeat if it is smaller)."""
     t = run.train
     if not ds.whole:
         return t.eval_iters
-    return min(t.eval_iters, len(ds) // (t.micro_batch_size * dp_size))
+    return min(t.eval_iters, ds.samples_without_repeat() // (t.micro_batch_size * dp_size))
 
 
-def keep_counts_line(schedule: OmissionSchedule, model_cfg: ModelConfig, tp_size: int) -> str:
+def keep_counts_line(schedule: StageSchedule, model_cfg: ModelConfig, tp_size: int) -> str:
     """What every rung of the run really keeps per TP partition, by kind (rounding can make
     it differ from the nominal rates, and make rungs coincide)."""
     cfg = schedule.cfg
@@ -171,25 +164,23 @@ class Trainer:
             checkpoint's iteration; if the flags differ from the checkpoint's, a new stage
             begins there: the SAT schedule spans [iteration, --train-iters).
           --no-load-optim: weights, iteration and data position; Adam starts afresh (zero
-            moments, step 0) and the LR is the flags' schedule at the loaded iteration (what
-            Megatron's scheduler does when it is not loaded either).
+            moments, step 0), and so does the LR schedule (Megatron loads the scheduler with
+            the optimizer: the LR warms up again while the iteration count continues).
           --no-load-rng: the random generators keep this run's seeding.
           --finetune: the weights only; iteration, data position, Adam, and the LR and SAT
             schedules start at 0 (a new stage from another run's checkpoint).
-        The manifest stays available as `resumed_manifest`; `load_data_position` says whether
-        the data position (consumed samples, per-dataset positions) continues from it."""
+        The data position is every dataset's own (sat_dist.data.blend), found by path or,
+        for moved files, by their fingerprint."""
         t, p = self.t, self.p
-        self.resumed_manifest = manifest
-        self.load_data_position = not t.finetune
         saved_iteration = manifest["iteration"]
         if t.finetune:
-            lr_position = None
+            lr_position = None  # nothing of the optimizer or its schedule is loaded
         elif t.no_load_optim:
-            lr_position = saved_iteration
+            # Megatron keeps the LR scheduler with the optimizer state: not loaded, it starts at
+            # its step 0 (the warmup again) while the iteration count continues.
+            lr_position = 0
         elif t.override_opt_param_scheduler:
-            # Megatron keeps the scheduler's step count under the override: the LR schedule
-            # position, which is behind the iteration by the skipped (non-finite) steps.
-            lr_position = (manifest.get("lr_scheduler") or {}).get("last_epoch", saved_iteration)
+            lr_position = saved_iteration  # the flags' schedule at the checkpoint's iteration
         else:
             lr_position = None
         restore_checkpoint(self.eng.engine, self.eng.model, t.load, tag, manifest, self.comm, self.model_cfg,
@@ -199,6 +190,7 @@ class Trainer:
             p.iteration, p.consumed_samples, self.stage_start = 0, 0, 0
         else:
             p.iteration, p.consumed_samples = saved_iteration, manifest["consumed_samples"]
+            self.data_pos = self.train_ds.start(position_from_manifest(manifest, self.train_ds))
             self._saved_at = p.iteration
             new_stage = t.override_opt_param_scheduler and bool(definition_changes(manifest, self.definition))
             self.stage_start = saved_iteration if new_stage else manifest.get("stage_start_iteration", 0)
@@ -218,6 +210,12 @@ class Trainer:
             if not t.finetune and new_stage:
                 self.log(f"a new stage begins at iteration {self.stage_start}: LR and SAT schedules from the flags "
                          f"(SAT over iterations {self.stage_start}-{t.train_iters})")
+            if t.finetune:
+                changed = definition_changes(manifest, self.definition)
+                if changed:  # anything may change under --finetune: say what did
+                    self.log(f"--finetune: this run differs from {tag}'s in {', '.join('--' + k for k in changed)}")
+            for note in self.train_ds.start_notes:
+                self.log(note)
 
     def run(self) -> Progress:
         t, p = self.t, self.p
@@ -357,8 +355,9 @@ class Trainer:
         embedding: a device assert on GPU. The batch is still on the CPU: no sync."""
         top = int(tokens.max())
         if top >= self.model_cfg.vocab_size:
+            flag = "--data-path" if self.t.data_path else "--train-data-path"
             data = " ".join(self.t.data_path or self.t.train_data_path)
-            raise SatDistError(f"--data-path {data}: token id {top} at iteration {self.p.iteration + 1} "
+            raise SatDistError(f"{flag} {data}: token id {top} at iteration {self.p.iteration + 1} "
                                f"is outside the model's vocabulary ({self.model_cfg.vocab_size}); the data was "
                                f"made with another tokenizer: re-run tools/preprocess_data.py")
 
@@ -431,11 +430,6 @@ class Trainer:
         """What the loop adds to a checkpoint's manifest: the data position of every dataset."""
         return {"data_positions": self.data_pos.to_manifest()}
 
-    def restore_data_position(self, manifest: dict) -> None:
-        """Continue every dataset where the checkpoint left it (this blend's proportions
-        start there if the checkpoint trained another blend)."""
-        self.data_pos = self.train_ds.start(position_from_manifest(manifest, self.train_ds))
-
     def _save(self) -> None:
         p = self.p
         if not self.t.save or p.iteration == self._saved_at:
@@ -460,6 +454,4 @@ def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfi
     trainer = Trainer(run, eng, comm, model_cfg, datasets, log, definition)
     if resume is not None:
         trainer.resume(*resume)
-        if trainer.load_data_position:
-            trainer.restore_data_position(resume[1])
     return trainer.run()

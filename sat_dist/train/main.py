@@ -211,16 +211,16 @@ def check_tokenizers(flag: str, prefixes: list[str], run_tok: dict, tokenizer_mo
 
     records = {p: read_tokenizer_record(dataset_key(p)) for p in prefixes}
     made = {p: r for p, r in records.items() if r is not None}
-    hashes = {r["sha256"] for r in made.values()}
+    vocabs = {r["vocab_sha256"] for r in made.values()}
     fix = "re-run tools/preprocess_data.py with the run's tokenizer"
-    if len(hashes) > 1:
-        shown = "; ".join(f"{p} by {r.get('tokenizer', '?')} ({r['sha256'][:12]})" for p, r in made.items())
+    if len(vocabs) > 1:
+        shown = "; ".join(f"{p} by {r.get('tokenizer', '?')} ({r['vocab_sha256'][:12]})" for p, r in made.items())
         raise SatDistError(f"{flag}: the blend's datasets were made with different tokenizers ({shown}); {fix}")
     for p, r in made.items():
-        if r["sha256"] != run_tok["sha256"]:
-            raise SatDistError(f"{flag} {p}: made with tokenizer {r.get('tokenizer', '?')} ({r['sha256'][:12]}), "
-                               f"not --tokenizer-model {tokenizer_model} ({run_tok['sha256'][:12]}); {fix}, or "
-                               f"pass the tokenizer it was made with")
+        if r["vocab_sha256"] != run_tok["vocab_sha256"]:
+            raise SatDistError(f"{flag} {p}: made with tokenizer {r.get('tokenizer', '?')} (vocabulary "
+                               f"{r['vocab_sha256'][:12]}), not --tokenizer-model {tokenizer_model} (vocabulary "
+                               f"{run_tok['vocab_sha256'][:12]}); {fix}, or pass the tokenizer it was made with")
 
 
 def _run(argv) -> int:
