@@ -192,21 +192,12 @@ def test_constant_and_dense_schedules():
     assert [d.rates(t) for t in (0, 9)] == [(0.0, 0.0), (0.0, 0.0)]
 
 
-def test_schedule_state_round_trip():
-    a = OmissionSchedule(SATConfig(omission_mlp=0.5, sparse_fraction=0.3).validate(), 50)
-    b = OmissionSchedule(SATConfig().validate(), 7)
-    b.load_state_dict(a.state_dict())
-    assert [b.rates(t) for t in range(50)] == [a.rates(t) for t in range(50)]
-    with pytest.raises(SatDistError):
-        b.load_state_dict({"total_steps": 3})
-
-
-def test_schedule_state_leaves_the_shared_config_alone():
-    shared = SATConfig(omission_mlp=0.3).validate()  # also the model's SATState's
-    b = OmissionSchedule(shared, 7)
-    b.load_state_dict(OmissionSchedule(SATConfig(omission_mlp=0.5).validate(), 50).state_dict())
-    assert b.cfg.omission_mlp == 0.5 and b.total_steps == 50
-    assert shared == SATConfig(omission_mlp=0.3).validate()
+def test_a_stage_runs_the_schedule_over_its_own_steps():
+    """A stage from iteration 4 to 10 runs the 6-step ladder (worked out by hand: sparse 0.6
+    of 6 steps, then 3/4 and 2/4 of the rate, the last step dense) at iterations 4..9."""
+    stage = OmissionSchedule(SATConfig(omission_mlp=0.3).validate(), 6, first_step=4)
+    assert [m for _, m in (stage.rates(4 + i) for i in range(6))] == pytest.approx([0.3, 0.3, 0.3, 0.225, 0.15, 0.0])
+    assert [m for _, m in stage.rungs()] == pytest.approx([0.3, 0.225, 0.15, 0.0])
 
 
 # ---------------------------------------------------------------- importance

@@ -69,6 +69,11 @@ def test_plain_resume_refuses_a_new_schedule_and_names_the_flag(corpus, stage1, 
     assert digest(stage1) == before
 
 
+def _both_runs(d, tag):
+    """{iteration: value} of a stage run in two launches (TensorBoard in d/tb1 and d/tb2)."""
+    return {**scalars(d / "tb1", tag), **scalars(d / "tb2", tag)}
+
+
 def test_override_starts_a_new_stage_at_the_checkpoint_iteration(corpus, stage1, tmp_path):
     """LR 5e-4 -> 5e-5, linear, no warmup, 8 iterations; SAT MLP rate 0.5. The LR at iteration
     i is the new formula at i (not restarted); the SAT ladder runs over iterations 4-8. A stop
@@ -84,8 +89,7 @@ def test_override_starts_a_new_stage_at_the_checkpoint_iteration(corpus, stage1,
     r = torchrun(2, _flags(corpus, load=ckpt, save=ckpt, **stage2, **{"tensorboard-dir": tmp_path / "tb2"}))
     assert "at iteration 6" in r.stdout and "new stage" not in r.stdout
     assert _manifest(ckpt, 8)["stage_start_iteration"] == 4
-    lr = {**scalars(tmp_path / "tb1", "learning-rate"), **scalars(tmp_path / "tb2", "learning-rate")}
-    mlp = {**scalars(tmp_path / "tb1", "sat/omission-rate-mlp"), **scalars(tmp_path / "tb2", "sat/omission-rate-mlp")}
+    lr, mlp = _both_runs(tmp_path, "learning-rate"), _both_runs(tmp_path, "sat/omission-rate-mlp")
     assert sorted(lr) == [5, 6, 7, 8]
     for i in lr:
         assert lr[i] == pytest.approx(5e-5 + (5e-4 - 5e-5) * (1 - i / 8), rel=1e-6), i
@@ -111,8 +115,7 @@ def test_finetune_loads_the_weights_only_and_its_stage_resumes(corpus, stage1, t
     assert scalars(tmp_path / "tb1", "lm loss validation")[1] == pytest.approx(ref_valid, rel=1e-6)
     r = torchrun(2, _flags(corpus, load=ckpt, save=ckpt, **stage2, **{"tensorboard-dir": tmp_path / "tb2"}))
     assert "resumed from" in r.stdout and "at iteration 2" in r.stdout
-    lr = {**scalars(tmp_path / "tb1", "learning-rate"), **scalars(tmp_path / "tb2", "learning-rate")}
-    mlp = {**scalars(tmp_path / "tb1", "sat/omission-rate-mlp"), **scalars(tmp_path / "tb2", "sat/omission-rate-mlp")}
+    lr, mlp = _both_runs(tmp_path, "learning-rate"), _both_runs(tmp_path, "sat/omission-rate-mlp")
     assert sorted(lr) == [1, 2, 3, 4]
     want = {1: 5e-4 / 2, 2: 5e-4, 3: 5e-5 + (5e-4 - 5e-5) * 0.5, 4: 5e-5}  # cosine at r = 1/2, 1
     for i in lr:

@@ -189,20 +189,23 @@ class BlendedDataset:
         fingerprints.update(prints)
         return DataPosition(consumed, start, weights, fingerprints)
 
+    def _next_counts(self, pos: DataPosition, gbs: int) -> tuple[list[int], int]:
+        """(samples of each dataset in the next global batch, samples drawn since the blend began)."""
+        drawn = [pos.consumed[k] - pos.blend_start[k] for k in self.keys]
+        return batch_counts(self.weights, drawn, gbs), sum(drawn)
+
     def global_batch(self, pos: DataPosition, gbs: int) -> list[tuple[int, int]]:
         """The next global batch: (dataset index, sample index in that dataset) per slot."""
-        drawn = [pos.consumed[k] - pos.blend_start[k] for k in self.keys]
-        counts = batch_counts(self.weights, drawn, gbs)
+        counts, drawn = self._next_counts(pos, gbs)
         slots = [(d, pos.consumed[k] + j) for d, (k, n) in enumerate(zip(self.keys, counts)) for j in range(n)]
         if len(self.datasets) > 1:
-            rng = np.random.default_rng([self.seed, 0xB1E4D, sum(drawn)])
+            rng = np.random.default_rng([self.seed, 0xB1E4D, drawn])
             slots = [slots[i] for i in rng.permutation(len(slots))]
         return slots
 
     def advance(self, pos: DataPosition, gbs: int) -> None:
         """Move `pos` past one global batch of `gbs`."""
-        drawn = [pos.consumed[k] - pos.blend_start[k] for k in self.keys]
-        for k, n in zip(self.keys, batch_counts(self.weights, drawn, gbs)):
+        for k, n in zip(self.keys, self._next_counts(pos, gbs)[0]):
             pos.consumed[k] += n
 
     def step_batches(self, pos: Optional[DataPosition], global_batch_size: int, micro_batch_size: int,

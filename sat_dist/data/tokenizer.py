@@ -141,12 +141,13 @@ RECORD_SUFFIX = ".tokenizer.json"
 tokenizer made the dataset (Megatron's format itself does not say)."""
 
 
-def tokenizer_record(path: str | Path) -> dict:
+def tokenizer_record(path: str | Path, tok: Optional[Tokenizer] = None) -> dict:
     """What identifies a tokenizer: the SHA-256 of its vocabulary (every id's entry, in id
     order, and the EOS id), so that a model's tokenizer.model and its tokenizer.json, which
-    map text to the same ids, have the same record; plus its file's name and SHA-256."""
+    map text to the same ids, have the same record; plus its file's name and SHA-256. `tok`:
+    the tokenizer `path` holds, when the caller has loaded it already."""
     p = tokenizer_file(path)
-    tok = load_tokenizer(p)
+    tok = tok or load_tokenizer(p)
     vocab = "\n".join(str(tok.piece(i)) for i in range(tok.vocab_size)) + f"\neos={tok.eos_id}"
     return {"tokenizer": p.name, "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
             "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "vocab_size": tok.vocab_size,

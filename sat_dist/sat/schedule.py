@@ -6,11 +6,12 @@ Ladder, over a run of T optimizer steps with sparse-stage rate r:
   steps [(1-dense_fraction)*T, T)           rate 0
 so the rate falls from r to 0 in L+1 equal decrements. The last step is dense whatever the
 fractions (dense_fraction 0 and sparse_fraction 1 included): the run ends with the dense model.
+A training stage that begins at iteration s (--finetune, --override-opt_param-scheduler)
+runs the schedule over its own T = --train-iters - s steps, so every stage ends dense.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -40,17 +41,20 @@ def _nonzero_rates(schedule: str, r: float, L: int) -> tuple[float, ...]:
 
 
 class OmissionSchedule:
-    """Omission rates of MLP channels and attention units at a given optimizer step."""
+    """Omission rates of MLP channels and attention units at a given optimizer step, over
+    the `total_steps` steps that begin at step `first_step` (a stage's first iteration)."""
 
-    def __init__(self, cfg: SATConfig, total_steps: int):
+    def __init__(self, cfg: SATConfig, total_steps: int, first_step: int = 0):
         if total_steps < 1:
             raise SatDistError(f"sat schedule: total_steps={total_steps}; allowed: an integer >= 1")
         self.cfg = cfg
         self.total_steps = int(total_steps)
+        self.first_step = int(first_step)
 
     def fraction(self, step: int) -> float:
         """Multiplier in [0, 1] of the sparse-stage rates at `step`."""
         cfg, T = self.cfg, self.total_steps
+        step -= self.first_step
         if not cfg.enabled:
             return 0.0
         if cfg.schedule == "constant":
@@ -85,45 +89,4 @@ class OmissionSchedule:
         L = max(cfg.ladder_steps, 1)
         edges = [0, T - 1] + [sparse_end + i * (dense_start - sparse_end) / L for i in range(L + 1)]
         steps = sorted({s for e in edges for s in range(int(e) - 1, int(e) + 3) if 0 <= s < T})
-        return list(dict.fromkeys(self.rates(step) for step in steps))
-
-    def state_dict(self) -> dict:
-        c = self.cfg
-        return {
-            "total_steps": self.total_steps,
-            "schedule": c.schedule,
-            "omission_mlp": c.omission_mlp,
-            "omission_attn": c.omission_attn,
-            "sparse_fraction": c.sparse_fraction,
-            "ladder_steps": c.ladder_steps,
-            "dense_fraction": c.dense_fraction,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Take a saved schedule. Rates are a pure function of the step, so the state is the
-        schedule's definition. The schedule gets its own copy of the SAT config: the one it
-        was built with (shared with the model's SATState) is left as it is."""
-        mine = self.state_dict()
-        if set(state) != set(mine):
-            raise SatDistError(f"SAT schedule state: keys {sorted(state)}; expected {sorted(mine)}")
-        self.total_steps = int(state["total_steps"])
-        self.cfg = dataclasses.replace(self.cfg, **{k: state[k] for k in mine if k != "total_steps"})
-
-
-class StageSchedule:
-    """The SAT schedule of a training stage that began at iteration `start` (0 for a run's
-    first stage): an OmissionSchedule over the stage's own steps [start, train_iters),
-    asked by the run's iteration. A stage started by --override-opt_param-scheduler thus
-    runs its ladder from sparse to dense within the iterations it trains."""
-
-    def __init__(self, cfg: SATConfig, train_iters: int, start: int = 0):
-        self.start = int(start)
-        self.stage = OmissionSchedule(cfg, train_iters - self.start)
-        self.cfg = cfg
-
-    def rates(self, iteration: int) -> tuple[float, float]:
-        """(attention, MLP) omission rates of the step at run iteration `iteration`."""
-        return self.stage.rates(iteration - self.start)
-
-    def rungs(self) -> list[tuple[float, float]]:
-        return self.stage.rungs()
+        return list(dict.fromkeys(self.rates(self.first_step + step) for step in steps))

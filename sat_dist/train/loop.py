@@ -18,7 +18,7 @@ from sat_dist.data.documents import document_inputs
 from sat_dist.errors import SatDistError
 from sat_dist.faults import fault_point
 from sat_dist.model.comm import ParallelComm
-from sat_dist.sat.schedule import StageSchedule
+from sat_dist.sat.schedule import OmissionSchedule
 from sat_dist.sat.selection import keep_count
 from sat_dist.train.arguments import RunConfig, run_definition
 from sat_dist.train.engine import Engine
@@ -89,7 +89,7 @@ def eval_micro_batches(ds: BlendedDataset, run: RunConfig, dp_size: int) -> int:
     return min(t.eval_iters, ds.samples_without_repeat() // (t.micro_batch_size * dp_size))
 
 
-def keep_counts_line(schedule: StageSchedule, model_cfg: ModelConfig, tp_size: int) -> str:
+def keep_counts_line(schedule: OmissionSchedule, model_cfg: ModelConfig, tp_size: int) -> str:
     """What every rung of the run really keeps per TP partition, by kind (rounding can make
     it differ from the nominal rates, and make rungs coincide)."""
     cfg = schedule.cfg
@@ -140,7 +140,7 @@ class Trainer:
         self.dev = _device()
         self.gbs = eng.ds_config["train_batch_size"]
         self.stage_start = 0  # iteration at which this training stage began (see resume)
-        self.schedule = StageSchedule(run.sat, t.train_iters, self.stage_start)
+        self.schedule = OmissionSchedule(run.sat, t.train_iters - self.stage_start, self.stage_start)
         self.train_ds = datasets["train"]
         self.data_pos = self.train_ds.start()  # samples taken from each dataset (restored on resume)
         self.test_set = datasets.get("test")
@@ -194,7 +194,7 @@ class Trainer:
             self._saved_at = p.iteration
             new_stage = t.override_opt_param_scheduler and bool(definition_changes(manifest, self.definition))
             self.stage_start = saved_iteration if new_stage else manifest.get("stage_start_iteration", 0)
-        self.schedule = StageSchedule(self.run_cfg.sat, t.train_iters, self.stage_start)
+        self.schedule = OmissionSchedule(self.run_cfg.sat, t.train_iters - self.stage_start, self.stage_start)
         if self.rank0:
             layout = (f"TP {manifest['tensor_model_parallel_size']} x DP {manifest['data_parallel_size']}"
                       f" -> TP {self.comm.tp_size} x DP {self.comm.dp_size}")

@@ -155,7 +155,7 @@ def open_datasets(t: TrainConfig, model_cfg: ModelConfig, dp_size: int) -> dict:
         raise SatDistError(f"--tokenizer-model {t.tokenizer_model} has {tok.vocab_size} tokens, more than the "
                            f"model's vocab_size {model_cfg.vocab_size}; use the model's tokenizer or a "
                            f"model config with vocab_size >= {tok.vocab_size}")
-    run_tok = tokenizer_record(t.tokenizer_model)
+    run_tok = tokenizer_record(t.tokenizer_model, tok)
     datasets: dict = {}
 
     def blend_of(flag: str, values: list[str], split: Optional[str]) -> dict:
