@@ -27,7 +27,9 @@ from typing import Optional
 
 from sat_dist.errors import SatDistError, fail_field
 
-METRICS = ("maxip", "wanda", "magnitude", "random", "activation")
+METRICS = ("maxip", "wanda", "magnitude", "random", "activation", "fluctuation")
+COMPENSATIONS = ("none", "mean")
+SPARSE_PASSES = ("both", "backward")
 SELECTIONS = ("sampling", "topk")
 SCHEDULES = ("ladder", "constant", "dense")
 GRANULARITIES = ("step", "micro-batch")
@@ -42,8 +44,10 @@ class SATConfig:
 
     metric: str = "activation"
     """Importance metric of a unit: activation (the norm of what the unit adds to the layer's
-    output), maxip, wanda, magnitude or random. activation kept SmolLM2-135M's function best
-    (docs/EXPERIMENTS.md)."""
+    output), fluctuation (MLP: the norm of what it adds minus its mean over the scored tokens,
+    i.e. what omitting it removes once --sat-compensation mean adds the mean back; attention
+    units are scored as by activation), maxip, wanda, magnitude or random. activation kept
+    SmolLM2-135M's function best without compensation (docs/EXPERIMENTS.md)."""
 
     selection: str = "topk"
     """How kept units are chosen from the scores: topk, or sampling (temperature, without
@@ -86,6 +90,18 @@ class SATConfig:
     seed: int = 1234
     """Seed of the selection generators (combined with step, layer and TP rank)."""
 
+    compensation: str = "none"
+    """What the sparse forward puts in place of the omitted MLP channels: none, or mean (their
+    mean activation over the scored tokens times their W_down columns, added as a bias: one
+    matrix-vector product per layer; FLAP, An et al. 2024). The bias is a constant of the step:
+    omitted channels still get exactly zero gradient. Attention units are not compensated."""
+
+    sparse_pass: str = "both"
+    """Which passes skip the omitted MLP channels: both (forward and backward), or backward
+    (the forward is the dense model's, so the loss and the activations are exact, and the
+    backward's products run over the kept channels only; scores then come from the forward's
+    own activations at no extra cost). MLP only: needs --sat-omission-attn 0."""
+
     granularity: str = "step"
     """How often units are selected: once per optimizer step ("step": scored on the step's
     first micro-batch, reused by every micro-batch and by activation recompute) or afresh
@@ -122,10 +138,17 @@ class SATConfig:
                 raise fail_field(s, name, v, f"an integer >= {lo}")
         if not _is_int(self.seed) or self.seed < 0:
             raise fail_field(s, "seed", self.seed, "an integer >= 0")
+        if self.sparse_pass == "backward" and self.omission_attn > 0:
+            raise SatDistError(f"--sat-sparse-pass backward: omits MLP channels only, but --sat-omission-attn is "
+                               f"{self.omission_attn}; set --sat-omission-attn 0 or use --sat-sparse-pass both")
+        if self.sparse_pass == "backward" and self.compensation != "none":
+            raise SatDistError(f"--sat-sparse-pass backward runs the dense forward, so there is nothing for "
+                               f"--sat-compensation {self.compensation} to make up; use --sat-compensation none")
         return self
 
 
-SAT_CHOICES = {"metric": METRICS, "selection": SELECTIONS, "schedule": SCHEDULES, "granularity": GRANULARITIES}
+SAT_CHOICES = {"metric": METRICS, "selection": SELECTIONS, "schedule": SCHEDULES, "granularity": GRANULARITIES,
+               "compensation": COMPENSATIONS, "sparse_pass": SPARSE_PASSES}
 """The SATConfig fields that take one of a fixed set of values (their --sat-* flags' choices)."""
 
 

@@ -10,6 +10,7 @@ the same held-out samples in every arm.
     python tools/cpt_experiment.py list
     python tools/cpt_experiment.py run dense sat-default ...   # in order; resumable
     python tools/cpt_experiment.py run --all
+    python tools/cpt_experiment.py run dense:x4 ...     # 4x the steps, same LR/SAT schedule shape
 
 An arm writes OUT/runs/ARM/{train.log, tensorboard/, checkpoints/} and, when it has
 finished, OUT/runs/ARM/done. Running an arm again resumes from its last checkpoint (runs
@@ -80,22 +81,46 @@ REPLAY_SHARE = {"dense-replay": 0.1, "sat-replay": 0.1}
 
 def data_flags(out: Path, arm: str) -> list[str]:
     data = out / "data"
-    share = REPLAY_SHARE.get(arm.split("@")[0])
+    share = REPLAY_SHARE.get(base_name(arm))
     if share is None:
         return ["--data-path", str(data / "new_train")]
     return ["--data-path", str(1 - share), str(data / "new_train"), str(share), str(data / "old_train")]
 
 
 def arm_dir(out: Path, arm: str) -> Path:
-    return out / "runs" / arm
+    return out / "runs" / arm.replace(":", "-")
+
+
+def base_name(arm: str) -> str:
+    """The ARMS entry of `arm` (NAME, NAME@STEPS or NAME:xF)."""
+    return arm.split("@")[0].split(":")[0]
+
+
+def length_factor(arm: str) -> int:
+    """F of NAME:xF (1 otherwise): the run is F times as long, with the same shape of LR and
+    SAT schedules (warmup, evaluation and save intervals scale with it; the SAT ladder is
+    defined in fractions of the run already). Evaluations and saves come at twice the
+    interval (F/2 times it), so a long arm still has a few points on its curve."""
+    if ":x" not in arm:
+        return 1
+    return int(arm.split(":x")[1])
+
+
+def scaled_common(factor: int) -> list[str]:
+    out = list(COMMON)
+    for flag, f in (("--lr-warmup-iters", factor), ("--eval-interval", max(1, factor // 2)),
+                    ("--save-interval", max(1, factor // 2))):
+        i = out.index(flag)
+        out[i + 1] = str(int(out[i + 1]) * f)
+    return out
 
 
 def command(out: Path, arm: str, iters: int) -> list[str]:
-    _, flags = ARMS[arm] if arm in ARMS else ARMS[arm.split("@")[0]]
+    _, flags = ARMS[base_name(arm)]
     d = arm_dir(out, arm)
     data = out / "data"
     model = out / "smollm2-135m"
-    return [sys.executable, str(ROOT / "launch" / "pretrain.py"), *COMMON,
+    return [sys.executable, str(ROOT / "launch" / "pretrain.py"), *scaled_common(length_factor(arm)),
             "--hf-checkpoint", str(model), "--tokenizer-model", str(model / "tokenizer.json"),
             *data_flags(out, arm), "--split", "100,0,0",
             "--valid-data-path", f"new={data / 'new_heldout'}", f"old={data / 'old_heldout'}",
@@ -132,7 +157,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["list", "run"])
     p.add_argument("arms", nargs="*",
-                   help="arm names; NAME@STEPS runs arm NAME for STEPS steps (the equal-wall-clock arm)")
+                   help="arm names; NAME@STEPS runs arm NAME for STEPS steps (the equal-wall-clock arm); "
+                        "NAME:xF runs it F times as long with the same schedule shapes (in runs/NAME-xF)")
     p.add_argument("--all", action="store_true", help="run every arm, in the listed order")
     p.add_argument("--out", default="runs/cpt_setup", help="the set-up folder (default runs/cpt_setup)")
     a = p.parse_args(argv)
@@ -145,13 +171,16 @@ def main(argv=None) -> int:
     if not arms:
         p.error("name the arms to run, or --all")
     for arm in arms:
-        if arm.split("@")[0] not in ARMS:
+        if base_name(arm) not in ARMS:
             p.error(f"unknown arm {arm!r}; `list` shows them")
+        if ":" in arm and not (arm.split(":", 1)[1][:1] == "x" and arm.split(":x", 1)[1].isdigit()
+                               and int(arm.split(":x", 1)[1]) >= 1):
+            p.error(f"arm {arm!r}: the length suffix is :xF with F an integer >= 1 (e.g. dense:x4)")
     if not (out / "smollm2-135m" / "config.json").exists():
         p.error(f"{out}/smollm2-135m not found: run tools/setup_cpt_experiment.py --out {a.out} first")
     failed = 0
     for arm in arms:
-        iters = int(arm.split("@")[1]) if "@" in arm else ITERS
+        iters = int(arm.split("@")[1]) if "@" in arm else ITERS * length_factor(arm)
         failed += run_arm(out, arm, iters) != 0
     return 1 if failed else 0
 

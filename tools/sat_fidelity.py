@@ -13,11 +13,14 @@ there is one.
         --setting metric=activation,selection=topk,attn=0,mlp=0.3 ...
 
 A setting is comma-separated key=value pairs: metric, selection, temperature, attn, mlp
-(omission rates), stride (--sat-token-stride), align (--sat-align-mlp); unset keys take
-the project's defaults. Batches: --batches micro-batches of --micro-batch-size x
+(omission rates), stride (--sat-token-stride), align (--sat-align-mlp), comp
+(--sat-compensation), pass (--sat-sparse-pass); unset keys take the project's defaults. Batches: --batches micro-batches of --micro-batch-size x
 --seq-length tokens from random offsets (seeded) of each dataset; each micro-batch selects
 afresh, as a training step does. Prints a Markdown table of the mean loss per dataset and
-its increase over dense.
+its increase over dense. --gradients adds, per dataset, how far the setting's gradient (all
+parameters, one backward per micro-batch) is from the dense gradient on the same batch: its
+cosine similarity and relative error ||g - g_dense|| / ||g_dense||. That is the measure for
+--sat-sparse-pass backward, whose forward (and so its loss increase) is exactly dense's.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from sat_dist.model.sat_state import SATState  # noqa: E402
 
 KEYS = {"metric": ("metric", str), "selection": ("selection", str), "temperature": ("temperature", float),
         "attn": ("omission_attn", float), "mlp": ("omission_mlp", float), "stride": ("token_stride", int),
-        "align": ("align_mlp", int)}
+        "align": ("align_mlp", int), "comp": ("compensation", str), "pass": ("sparse_pass", str)}
 
 
 def parse_setting(text: str) -> SATConfig:
@@ -85,6 +88,27 @@ def mean_loss(model: LlamaModel, state: SATState, cfg: SATConfig | None, data) -
     return float(torch.stack(losses).mean())
 
 
+def gradient(model: LlamaModel, state: SATState, cfg: SATConfig | None, step: int, ids, labels) -> torch.Tensor:
+    """The flattened gradient of the mean loss of one micro-batch, all parameters."""
+    state.cfg = cfg
+    state._made.clear()
+    if cfg is not None:
+        state.set_step(step, 0, attn=cfg.omission_attn, mlp=cfg.omission_mlp)
+    model.zero_grad(set_to_none=True)
+    model(ids, labels).float().mean().backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def gradient_distance(model: LlamaModel, state: SATState, cfg: SATConfig, data, dense_grads) -> tuple[float, float]:
+    """(mean cosine similarity, mean relative error) of the setting's gradients against dense's."""
+    cos, rel = [], []
+    for step, ((ids, labels), g_dense) in enumerate(zip(data, dense_grads)):
+        g = gradient(model, state, cfg, step, ids, labels)
+        cos.append(float(torch.nn.functional.cosine_similarity(g, g_dense, dim=0)))
+        rel.append(float((g - g_dense).norm() / g_dense.norm()))
+    return sum(cos) / len(cos), sum(rel) / len(rel)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-checkpoint", required=True)
@@ -94,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--gradients", action="store_true",
+                   help="also compare each setting's gradient with the dense gradient (one backward per batch)")
     a = p.parse_args(argv)
     try:
         settings = [(s, parse_setting(s)) for s in a.setting]
@@ -116,10 +142,18 @@ def main(argv=None) -> int:
         return 2
     dense = {name: mean_loss(model, state, None, data) for name, data in sets.items()}
     head = ["setting"] + [f"{n} loss (dense {dense[n]:.4f})" for n in sets] + [f"{n} increase" for n in sets]
+    if a.gradients:
+        dense_grads = {n: [gradient(model, state, None, i, ids, lab) for i, (ids, lab) in enumerate(data)]
+                       for n, data in sets.items()}
+        head += [f"{n} gradient cosine, rel. error" for n in sets]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
     for text, cfg in settings:
         sparse = {name: mean_loss(model, state, cfg, data) for name, data in sets.items()}
         row = [text] + [f"{sparse[n]:.6f}" for n in sets] + [f"{sparse[n] - dense[n]:+.4f}" for n in sets]
+        if a.gradients:
+            for n, data in sets.items():
+                c, r = gradient_distance(model, state, cfg, data, dense_grads[n])
+                row.append(f"{c:.4f}, {r:.3f}")
         print("| " + " | ".join(row) + " |", flush=True)
     return 0
 

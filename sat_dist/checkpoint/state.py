@@ -148,8 +148,10 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
 
 # What a run definition held before a key joined it: the value those runs effectively had.
 # (Checkpoints from before --sat-granularity selected afresh for every micro-batch; before
-# --lr-decay-iters the decay ended at --train-iters; before rope_scaling RoPE was plain.)
-_BACKFILL = {"sat-granularity": lambda d: "micro-batch", "lr-warmup-init": lambda d: 0.0,
+# --lr-decay-iters the decay ended at --train-iters; before rope_scaling RoPE was plain;
+# before --sat-compensation and --sat-sparse-pass SAT ran uncompensated in both passes.)
+_BACKFILL = {"sat-granularity": lambda d: "micro-batch", "sat-compensation": lambda d: "none",
+             "sat-sparse-pass": lambda d: "both", "lr-warmup-init": lambda d: 0.0,
              "lr-decay-iters": lambda d: d.get("train-iters"), "lr-wsd-decay-iters": lambda d: None,
              "lr-wsd-decay-style": lambda d: None, "rope_scaling": lambda d: None}
 

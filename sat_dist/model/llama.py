@@ -31,8 +31,9 @@ from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.model.layout import layout_of
 from sat_dist.model.rope import inverse_frequencies, rope_scaling_key
 from sat_dist.model.sat_state import SATState
-from sat_dist.model.sparse_ops import kept_linear
-from sat_dist.sat.importance import attention_scores, mlp_scores
+from sat_dist.model.sparse_ops import backward_sparse_mlp, kept_linear
+from sat_dist.sat.compensation import omitted_mean_bias
+from sat_dist.sat.importance import attention_scores, mlp_scores, mlp_scores_and_mean
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, align_mlp: int = 1) -> None:
@@ -153,9 +154,13 @@ class SATMLP(nn.Module):
         self.fc2_weight = _init_weight(self.f, self.h, std=cfg.init_method_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
+        if self.sat.mlp_backward_only:
+            return self._forward_dense_backward_sparse(x)
+        compensate = self.sat.compensate_mlp
+        score = mlp_scores_and_mean if compensate else mlp_scores
         kept = self.sat.kept_units(
             self.layer, "mlp", self.f, x.device,
-            lambda gen, stride: mlp_scores(
+            lambda gen, stride: score(
                 self.sat.cfg.metric, x, self.fc1_weight, self.fc2_weight,
                 self.comm.reduce_over_dp, gen, stride))
         x = self.comm.copy_to_tp(x)
@@ -165,6 +170,23 @@ class SATMLP(nn.Module):
         # Channel j is row j (gate) and row f + j (up) of fc1: one product for both.
         gate, up = kept_linear(x, self.fc1_weight, torch.cat((kept, kept + self.f))).chunk(2, dim=-1)  # [b, s, k]
         y = kept_linear(F.silu(gate) * up, self.fc2_weight, kept, kept_in=True)  # [b, s, h] partial over TP
+        mean = self.sat.selection_mean(self.layer, "mlp") if compensate else None
+        if mean is not None:
+            # A constant of the step: the omitted channels' weights get no gradient from it.
+            y = y + omitted_mean_bias(mean, kept, self.fc2_weight).to(y.dtype)  # [h] partial over TP
+        return self.comm.reduce_from_tp(y)
+
+    def _forward_dense_backward_sparse(self, x: torch.Tensor) -> torch.Tensor:
+        # The selection is made inside the dense forward, from its own activations (no
+        # extra products); the backward runs over the kept channels only.
+        def select(a: torch.Tensor):  # a [b, s, f]: this partition's channel activations
+            return self.sat.kept_units(
+                self.layer, "mlp", self.f, x.device,
+                lambda gen, stride: mlp_scores(
+                    self.sat.cfg.metric, x, self.fc1_weight, self.fc2_weight,
+                    self.comm.reduce_over_dp, gen, stride, activations=a))
+        x = self.comm.copy_to_tp(x)
+        y = backward_sparse_mlp(x, self.fc1_weight, self.fc2_weight, select)  # [b, s, h] partial over TP
         return self.comm.reduce_from_tp(y)
 
 

@@ -12,7 +12,7 @@ granularity "step" neither do the step's later micro-batches.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -21,6 +21,7 @@ from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.sat.selection import keep_count, select_units, selection_generator
 
 KINDS = ("attn", "mlp")
+ScoresOut = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
 class SATState:
@@ -30,13 +31,14 @@ class SATState:
         self.step = 0
         self.micro = 0
         self.rates = {"attn": 0.0, "mlp": 0.0}
-        # (layer, kind) -> global unit indices to keep, bypassing importance (tests, replays)
+        # (layer, kind) -> global unit indices to keep, bypassing importance (tests, replays;
+        # a forced selection has no mean activations, so it is never compensated)
         self.forced: dict[tuple[int, str], torch.Tensor] = {}
         # (layer, kind) -> (kept, total) in this rank's partition at the last forward
         self.kept: dict[tuple[int, str], tuple[int, int]] = {}
         # (layer, kind) -> local indices kept at the last forward (None: all)
         self.selected: dict[tuple[int, str], Optional[torch.Tensor]] = {}
-        # (layer, kind) -> (selection key, kept indices)
+        # (layer, kind) -> (selection key, kept indices, mean activations or None)
         self._made: dict[tuple[int, str], tuple] = {}
 
     def set_step(self, step: int, micro: int = 0, attn: float = 0.0, mlp: float = 0.0) -> None:
@@ -49,14 +51,16 @@ class SATState:
         return self.cfg.align_attn if kind == "attn" else self.cfg.align_mlp
 
     def kept_units(self, layer: int, kind: str, n_local: int, device: torch.device,
-                   scores_fn: Callable[[torch.Generator, int], torch.Tensor]) -> Optional[torch.Tensor]:
+                   scores_fn: Callable[[torch.Generator, int], ScoresOut]) -> Optional[torch.Tensor]:
         """Local indices of the kept units of `kind` in `layer`, or None for all.
 
-        scores_fn(generator, token_stride) -> [n_local] scores, reduced over data parallel.
+        scores_fn(generator, token_stride) -> [n_local] scores reduced over data parallel, or
+        (scores, mean activations [n_local]) when the layer compensates (`selection_mean`).
         """
         forced = self.forced.get((layer, kind))
         if forced is not None:
             idx = self._local_forced(forced, n_local, device)
+            self._made.pop((layer, kind), None)
             return self._record(layer, kind, idx, idx.numel(), n_local)
         if self.cfg is None:
             return self._record(layer, kind, None, n_local, n_local)
@@ -71,9 +75,26 @@ class SATState:
             # this partition draws the same units.
             gen = selection_generator(self.cfg.seed, self.step, micro, layer, self.comm.tp_rank, kind, device)
             scores = scores_fn(gen, self.cfg.token_stride)
+            scores, mean = scores if isinstance(scores, tuple) else (scores, None)
             idx = select_units(scores, k, self.cfg.selection, self.cfg.temperature, gen)
-            made = self._made[(layer, kind)] = (key, idx)
+            made = self._made[(layer, kind)] = (key, idx, mean)
         return self._record(layer, kind, made[1], k, n_local)
+
+    def selection_mean(self, layer: int, kind: str) -> Optional[torch.Tensor]:
+        """The mean activations [n_local] that came with the current selection of (layer, kind)
+        (None if its scores_fn gave none, or the units were forced)."""
+        made = self._made.get((layer, kind))
+        return None if made is None else made[2]
+
+    @property
+    def compensate_mlp(self) -> bool:
+        return self.cfg is not None and self.cfg.enabled and self.cfg.compensation == "mean"
+
+    @property
+    def mlp_backward_only(self) -> bool:
+        """--sat-sparse-pass backward, at a nonzero MLP rate this step."""
+        return (self.cfg is not None and self.cfg.enabled and self.cfg.sparse_pass == "backward"
+                and self.rates["mlp"] > 0)
 
     def _record(self, layer: int, kind: str, idx, k: int, n_local: int):
         self.kept[(layer, kind)] = (k, n_local)

@@ -12,6 +12,8 @@ Weights are passed in the model's row-gathered layouts (see sat_dist/model/llama
 exactly what one process would compute on the whole global micro-batch:
   maxip: max over tokens (reduce max);  wanda: per-feature sum of squares (reduce sum);
   activation: per-unit sum of squares of its activation over tokens (reduce sum);
+  fluctuation (MLP): per-unit sum and sum of squares of its activation, and the token count
+    (reduce sum), from which the mean and the centred sum of squares follow;
   magnitude: weights only, identical on every replica (no reduce);
   random: drawn from the seeded generator, identical on every replica (no reduce).
 """
@@ -41,11 +43,54 @@ def _feature_norms(x: torch.Tensor, reduce: Reduce) -> torch.Tensor:
     return reduce(sq, "sum").sqrt()
 
 
+def _channel_activations(xs: torch.Tensor, fc1: torch.Tensor, n: int) -> torch.Tensor:
+    """a_j(t) = silu(x_t.w_gate_j) * (x_t.w_up_j), fp32: [tokens, n]."""
+    xs = xs.float()
+    return F.silu(xs @ fc1[:n].float().t()) * (xs @ fc1[n:].float().t())
+
+
+@torch.no_grad()
+def channel_moments(a: torch.Tensor, reduce: Reduce = no_reduce
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean [n], centred sum of squares [n], token count []) over the tokens of a [tokens, n]
+    and of every DP replica: one reduce of the sums and the count, so the result is the one-
+    process value over the global micro-batch (up to fp32 summation order)."""
+    a = a.float()
+    n = a.shape[-1]
+    stats = torch.cat((a.sum(0), a.pow(2).sum(0), a.new_full((1,), float(a.shape[0]))))
+    stats = reduce(stats, "sum")
+    s1, s2, count = stats[:n], stats[n:2 * n], stats[2 * n]
+    mean = s1 / count
+    # s2 - s1^2/count can round below 0 for a channel that is nearly constant
+    return mean, (s2 - s1 * mean).clamp_min(0.0), count
+
+
+@torch.no_grad()
+def mlp_scores_and_mean(metric: str, x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor,
+                        reduce: Reduce = no_reduce, generator: torch.Generator | None = None,
+                        token_stride: int = 1, activations: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [n], mean activation [n] over the scored tokens) of the MLP channels held
+    here: what --sat-compensation mean needs. One reduce for activation and fluctuation."""
+    n = fc2.shape[0]
+    a = _channel_activations(_tokens(x, token_stride), fc1, n) if activations is None \
+        else _tokens(activations, token_stride).float()
+    mean, centred, count = channel_moments(a, reduce)
+    if metric == "fluctuation":
+        return centred.sqrt() * fc2.float().norm(dim=1), mean
+    if metric == "activation":  # the sum of squares is centred + count * mean^2
+        return (centred + count * mean.pow(2)).sqrt() * fc2.float().norm(dim=1), mean
+    return mlp_scores(metric, x, fc1, fc2, reduce, generator, token_stride), mean
+
+
 @torch.no_grad()
 def mlp_scores(metric: str, x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor,
                reduce: Reduce = no_reduce, generator: torch.Generator | None = None,
-               token_stride: int = 1) -> torch.Tensor:
-    """Scores [n] of the n MLP channels held here. x: [..., h] input of the MLP."""
+               token_stride: int = 1, activations: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [n] of the n MLP channels held here. x: [..., h] input of the MLP.
+    activations: the channels' activations [..., n] when the caller has them already (the
+    dense forward of --sat-sparse-pass backward); activation and fluctuation then use them
+    instead of recomputing the gate and up products."""
     n = fc2.shape[0]
     if metric == "random":
         return torch.rand(n, generator=generator, device=fc2.device)
@@ -62,12 +107,15 @@ def mlp_scores(metric: str, x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tenso
         norms = _feature_norms(xs, reduce)  # [h]
         w = fc1.float().abs()
         return w[:n] @ norms + w[n:] @ norms
-    if metric == "activation":
+    if metric in ("activation", "fluctuation"):
         # Channel j adds a_j(t) * W_down[:, j] to the output, a_j = silu(x.w_gate_j) * (x.w_up_j),
         # so ||a_j|| over tokens times ||W_down[:, j]|| is the norm of exactly what omitting
         # j removes. maxip sees only the gate's pre-activation.
-        xs = xs.float()
-        a = F.silu(xs @ fc1[:n].float().t()) * (xs @ fc1[n:].float().t())  # [tokens, n]
+        a = _channel_activations(xs, fc1, n) if activations is None \
+            else _tokens(activations, token_stride).float()  # [tokens, n]
+        if metric == "fluctuation":
+            # FLAP's fluctuation: what omitting j removes once its mean is added back
+            return channel_moments(a, reduce)[1].sqrt() * fc2.float().norm(dim=1)
         return reduce(a.pow(2).sum(0), "sum").sqrt() * fc2.float().norm(dim=1)
     raise ValueError(f"unknown importance metric {metric!r}")
 
@@ -97,7 +145,8 @@ def attention_scores(metric: str, x: torch.Tensor, qkv: torch.Tensor, o: torch.T
     if metric == "wanda":
         norms = _feature_norms(xs, reduce)  # [h]
         return groups.float().abs().sum(1) @ norms
-    if metric == "activation":
+    if metric in ("activation", "fluctuation"):
+        # fluctuation is an MLP metric; attention units are scored as by activation.
         # A group's output is W_o,g times a convex mix (softmax weights) of its values, so
         # ||v_g|| over tokens times ||W_o,g|| bounds what omitting it removes; the exact
         # output would need every token's keys and values, i.e. the dense cost.
