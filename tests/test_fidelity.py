@@ -61,3 +61,18 @@ def test_executed_flops_sum_each_steps_keep_fractions():
     assert executed == pytest.approx(sum(_hand_flops(ka, km) for ka, km in keeps), rel=1e-12)
     assert executed < 3 * _hand_flops(*keeps[-1])  # the last step's fractions for all: dense here
     assert meter.take() == (0, 0.0, 0.0)  # the next interval starts empty
+
+
+def test_executed_flops_backward_only_mode_by_hand():
+    """--sat-sparse-pass backward: the MLP's forward (2 of its 6 FLOPs per weight and token)
+    runs dense, only its backward (4 of 6) over the kept channels."""
+    cfg = ModelConfig.from_file(MODEL_CONFIG_DIR / "tiny-test.json")
+    meter = ExecutedFlops(cfg, 8, 64, mlp_backward_only=True)
+    meter.add_step(1.0, 0.25)
+    h, L, f, batch, seq = 64, 2, 128, 8, 64
+    mlp_dense = 6 * batch * seq * 3 * L * h * f
+    mlp_executed = 2 * batch * seq * 3 * L * h * f + 4 * batch * seq * 3 * L * h * f * 0.25
+    _, _, executed = meter.take()
+    assert executed == pytest.approx(_hand_flops(1, 1) - mlp_dense + mlp_executed, rel=1e-12)
+    # the same FLOPs as omitting 0.5 in both passes
+    assert executed == pytest.approx(_hand_flops(1, 0.5), rel=1e-12)

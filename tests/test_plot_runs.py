@@ -89,3 +89,66 @@ def test_step_times_from_a_benchmark_report(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(bench))
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode != 0 and "tools/bench_step.py with --omissions 0.0,0.167" in r.stderr
+
+
+def test_run_step_times_give_one_run_its_own_report(tmp_path):
+    """--run-step-times NAME=REPORT: that run is timed by its report, the others by --step-times."""
+    import json
+
+    for name in ("dense", "bwd"):
+        logs = _run_logs(99.0, {2: (2.1, 3.5)}, 2, 2048)
+        logs["sat/effective-omission-rate-attn"] = {1: 0.0, 2: 0.0}
+        logs["sat/effective-omission-rate-mlp"] = {1: 0.0, 2: 0.0} if name == "dense" else {1: 0.5, 2: 0.0}
+        _write(tmp_path / name, logs)
+    both = {"sat_dist": {"settings": [
+        {"keep_fraction_attn": 1.0, "keep_fraction_mlp": 1.0, "median_step_s": 10.0},
+        {"keep_fraction_attn": 1.0, "keep_fraction_mlp": 0.5, "median_step_s": 6.0}]}}
+    backward = {"sat_dist": {"settings": [
+        {"keep_fraction_attn": 1.0, "keep_fraction_mlp": 1.0, "median_step_s": 10.0},
+        {"keep_fraction_attn": 1.0, "keep_fraction_mlp": 0.5, "median_step_s": 8.0}]}}
+    (tmp_path / "both.json").write_text(json.dumps(both))
+    (tmp_path / "backward.json").write_text(json.dumps(backward))
+    cmd = [sys.executable, str(TOOL), str(tmp_path / "dense"), str(tmp_path / "bwd"), "--out",
+           str(tmp_path / "p.png"), "--step-times", str(tmp_path / "both.json")]
+    r = subprocess.run(cmd + ["--run-step-times", f"bwd={tmp_path / 'backward.json'}"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| bwd "))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert cells[-3:] == ["18", "9.00", "0.900"]  # 8 + 10 s against dense's 20 s
+    r = subprocess.run(cmd + ["--run-step-times", f"nosuch={tmp_path / 'backward.json'}"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode != 0 and "--run-step-times names nosuch" in r.stderr
+
+
+def test_frontier_points_from_logs_and_given_points(tmp_path):
+    """tools/plot_frontier.py: speedup = the reference's benchmarked training time over the
+    arm's, gap = exp(loss - reference loss) - 1, by hand."""
+    import json
+
+    runs = tmp_path / "runs"
+    for name, mlp, losses in (("dense", 0.0, (2.0, 3.4)), ("sat", 0.5, (2.01, 3.45))):
+        logs = _run_logs(99.0, {4: losses}, 4, 2048)
+        logs["sat/effective-omission-rate-attn"] = {i: 0.0 for i in range(1, 5)}
+        logs["sat/effective-omission-rate-mlp"] = {1: mlp, 2: mlp, 3: mlp, 4: 0.0}
+        _write(runs / name, logs)
+    bench = {"sat_dist": {"settings": [
+        {"keep_fraction_attn": 1.0, "keep_fraction_mlp": 1.0, "median_step_s": 10.0},
+        {"keep_fraction_attn": 1.0, "keep_fraction_mlp": 0.5, "median_step_s": 6.0}]}}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    spec = {"runs": "runs", "step_times": {"both": "bench.json"}, "sets": ["new", "old"],
+            "arms": [{"run": "sat", "reference": "dense", "method": "m", "length": "4 steps", "times": "both"}],
+            "points": [{"label": "old-arm", "method": "m", "length": "4 steps", "speedup": 1.1,
+                        "gap": {"new": 0.02, "old": 0.01}, "source": "abc1234"}]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "f.png"
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "plot_frontier.py"), "--spec", str(tmp_path / "spec.json"),
+                        "--root", str(tmp_path), "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["sat"][2] == f"{40 / 28:.3f}x"  # dense 4 x 10 s; sat 3 x 6 + 10 s
+    assert rows["sat"][3] == f"{math.exp(0.01) - 1:+.2%}" and rows["sat"][4] == f"{math.exp(0.05) - 1:+.2%}"
+    assert rows["old-arm"][2:5] == ["1.100x", "+2.00%", "+1.00%"] and rows["old-arm"][5] == "abc1234"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,9 @@ or is that folder itself; its name labels the run. Read per run:
 --step-times takes the time of every step from a tools/bench_step.py report instead (the
 median step of dense and each SAT setting, measured side by side on a quiet machine),
 looked up by the omission rates the step really ran at (`sat/effective-omission-rate-*`):
-training times that a busy machine during the runs cannot distort.
+training times that a busy machine during the runs cannot distort. --run-step-times
+NAME=REPORT gives run NAME its own report (a run whose steps cost other times at the same
+rates, e.g. --sat-sparse-pass backward).
 --base names a run made with --skip-train (the starting model): its values are drawn as
 every curve's point at 0 tokens and 0 s. The table gives, per run, the last evaluation of
 every set, its perplexity, the difference to --reference in perplexity, the training time
@@ -62,9 +64,29 @@ def bench_step_times(path: Path) -> dict[tuple[float, float], float]:
             for r in rows}
 
 
+def run_name(path: Path) -> str:
+    return path.name if path.name != "tensorboard" else path.parent.name
+
+
+def run_step_times(paths: list[Path], default: dict | None, per_run: list[str]) -> list[dict | None]:
+    """The step-time table of each run: its NAME=REPORT entry, else the default."""
+    own = {}
+    for entry in per_run:
+        name, sep, report = entry.partition("=")
+        if not sep or not name or not report:
+            raise SystemExit(f"error: --run-step-times {entry!r}: expected NAME=REPORT")
+        own[name] = bench_step_times(Path(report))
+    names = {run_name(p) for p in paths}
+    unknown = sorted(set(own) - names)
+    if unknown:
+        raise SystemExit(f"error: --run-step-times names {', '.join(unknown)}, which is not among the runs "
+                         f"({', '.join(sorted(names))})")
+    return [own.get(run_name(p), default) for p in paths]
+
+
 class Run:
     def __init__(self, path: Path, sets: list[str], step_times: dict[tuple[float, float], float] | None = None):
-        self.name = path.name if path.name != "tensorboard" else path.parent.name
+        self.name = run_name(path)
         s = read_scalars(path)
         self.valid = {name: dict(sorted(s.get(f"lm loss validation/{name}", {}).items())) for name in sets}
         times = dict(sorted(s.get("iteration-time", {}).items()))
@@ -194,6 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--step-times", type=Path, default=None,
                    help="a tools/bench_step.py --out report: each step's time is the benchmark's median for the "
                         "omission rates the step ran at, instead of the run's own iteration-time")
+    p.add_argument("--run-step-times", nargs="+", default=[], metavar="NAME=REPORT",
+                   help="a bench_step.py report for run NAME only (overrides --step-times for it)")
     a = p.parse_args(argv)
     base = None
     if a.base is not None:
@@ -202,7 +226,7 @@ def main(argv=None) -> int:
         if not base:
             raise SystemExit(f"error: --base {a.base}: no `lm loss validation/NAME` scalars for {a.sets}")
     step_times = bench_step_times(a.step_times) if a.step_times else None
-    runs = [Run(r, a.sets, step_times) for r in a.runs]
+    runs = [Run(r, a.sets, times) for r, times in zip(a.runs, run_step_times(a.runs, step_times, a.run_step_times))]
     for r in runs:
         if not any(r.valid.values()):
             raise SystemExit(f"error: {r.name}: no `lm loss validation/NAME` scalars for {a.sets}; "
