@@ -13,14 +13,15 @@ there is one.
         --setting metric=activation,selection=topk,attn=0,mlp=0.3 ...
 
 A setting is comma-separated key=value pairs: metric, selection, temperature, attn, mlp
-(omission rates), stride (--sat-token-stride), align (--sat-align-mlp), comp
-(--sat-compensation), pass (--sat-sparse-pass); unset keys take the project's defaults. Batches: --batches micro-batches of --micro-batch-size x
---seq-length tokens from random offsets (seeded) of each dataset; each micro-batch selects
-afresh, as a training step does. Prints a Markdown table of the mean loss per dataset and
-its increase over dense. --gradients adds, per dataset, how far the setting's gradient (all
-parameters, one backward per micro-batch) is from the dense gradient on the same batch: its
-cosine similarity and relative error ||g - g_dense|| / ||g_dense||. That is the measure for
---sat-sparse-pass backward, whose forward (and so its loss increase) is exactly dense's.
+(omission rates), stride (--sat-token-stride), align (--sat-align-mlp), comp (--sat-
+compensation), pass (--sat-sparse-pass); unset keys take the project's defaults. Batches:
+--batches micro-batches of --micro-batch-size x --seq-length tokens from random offsets
+(seeded) of each dataset; each micro-batch selects afresh, as a training step does. Prints
+a Markdown table of the mean loss per dataset and its increase over dense. --gradients
+adds, per dataset, how far the setting's gradient (all parameters, one backward per micro-
+batch) is from the dense gradient on the same batch: its cosine similarity and relative
+error ||g - g_dense|| / ||g_dense||. That is the measure for --sat-sparse-pass backward,
+whose forward (and so its loss increase) is exactly dense's.
 """
 
 from __future__ import annotations
