@@ -291,3 +291,21 @@ def test_lever_settings_refused_with_one_clear_error(overrides, msg):
     with pytest.raises(SatDistError) as e:
         SATConfig(**overrides).validate()
     assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_run_definition_holds_the_levers_and_old_checkpoints_resume_as_before():
+    """--sat-compensation and --sat-sparse-pass are part of the run definition (a resume that
+    changes them is refused); a checkpoint saved before they existed ran without them."""
+    from sat_dist.checkpoint.state import definition_changes
+    from sat_dist.config import ModelConfig
+    from sat_dist.train.arguments import parse_args, run_definition
+
+    model = ModelConfig().validate()
+    plain = run_definition(parse_args([]), model)
+    levers = run_definition(parse_args(["--sat-sparse-pass", "backward", "--sat-metric", "fluctuation"]), model)
+    assert plain["sat-compensation"] == "none" and plain["sat-sparse-pass"] == "both"
+    old = {"run_definition": {k: v for k, v in plain.items() if k not in ("sat-compensation", "sat-sparse-pass")}}
+    assert definition_changes(old, plain) == []
+    assert sorted(definition_changes(old, levers)) == ["sat-metric", "sat-sparse-pass"]
+    comp = run_definition(parse_args(["--sat-compensation", "mean"]), model)
+    assert definition_changes(old, comp) == ["sat-compensation"]

@@ -66,6 +66,14 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "mlp-act-micro": ("as mlp-act, selection per micro-batch (micro-batch 1, 4 per step)",
                       sat("activation", "topk", "0", "0.3", "--sat-granularity", "micro-batch",
                           "--micro-batch-size", "1")),
+    # SAT that pays (issue [K]): the levers at MLP rates >= 0.3. Backward-only arms score every
+    # token (stride 1): the dense forward has all the activations already.
+    "bwd-0.5": ("MLP 0.5 in the backward only (dense forward), activation metric from every token, top-k",
+                sat("activation", "topk", "0", "0.5", "--sat-sparse-pass", "backward", "--sat-token-stride", "1")),
+    "bwd-0.75": ("MLP 0.75 in the backward only (dense forward), activation metric from every token, top-k",
+                 sat("activation", "topk", "0", "0.75", "--sat-sparse-pass", "backward", "--sat-token-stride", "1")),
+    "comp-0.3": ("MLP 0.3 in both passes, fluctuation metric, omitted channels' means added back, top-k",
+                 sat("fluctuation", "topk", "0", "0.3", "--sat-compensation", "mean")),
     # Replay (issue [H]), run after the LR schedule took Megatron's definition (step 0 at the
     # warmup's start): dense-h is the dense arm again at that code, the reference of the two
     # replay arms. "sat-default" takes the project's SAT defaults.

@@ -13,8 +13,8 @@ there is one.
         --setting metric=activation,selection=topk,attn=0,mlp=0.3 ...
 
 A setting is comma-separated key=value pairs: metric, selection, temperature, attn, mlp
-(omission rates), stride (--sat-token-stride), align (--sat-align-mlp), comp (--sat-
-compensation), pass (--sat-sparse-pass); unset keys take the project's defaults. Batches:
+(omission rates), stride (--sat-token-stride), align (--sat-align-mlp), comp
+(--sat-compensation), pass (--sat-sparse-pass); unset keys take the project's defaults. Batches:
 --batches micro-batches of --micro-batch-size x --seq-length tokens from random offsets
 (seeded) of each dataset; each micro-batch selects afresh, as a training step does. Prints
 a Markdown table of the mean loss per dataset and its increase over dense. --gradients
