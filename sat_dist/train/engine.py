@@ -72,6 +72,13 @@ def fill_ds_config(ds: dict, t: TrainConfig, dp_size: int, where: str) -> dict:
         raise SatDistError(f"--ds_config {where}: bf16.enabled={bf16['enabled']} contradicts the flags "
                            f"(--bf16 {'given' if t.bf16 else 'not given'}); remove it or set it to \"auto\"")
     bf16["enabled"] = bool(t.bf16)
+    if t.bf16:
+        # Under ZeRO, DeepSpeed accumulates gradients over micro-batches and reduces them over
+        # the DP group in the model's dtype unless told otherwise: the 7B defaults sum 32 bf16
+        # micro-batch gradients and reduce them over 32+ ranks in bf16. Megatron-LM and
+        # torchtitan do both in fp32, and so do we unless the JSON sets these keys.
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        ds.setdefault("communication_data_type", "fp32")
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise SatDistError(f"--ds_config {where}: optimizer.type {opt.get('type')!r}; allowed: AdamW")
