@@ -386,6 +386,12 @@ class TrainConfig:
     """Stop after this many non-finite (NaN/Inf) steps in a row; each one is skipped."""
     exit_interval: int = 0
     """Stop (after saving) at this iteration; 0: run to train_iters. For tests and tooling."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s per GPU that throughput/mfu divides by; default: the device's data-sheet
+    value for the run's dtype (A100, H100, H200, L40S; sat_dist.train.metrics.PEAK_FLOPS)."""
+    distributed_timeout_minutes: int = 10
+    """Timeout of every collective (Megatron's --distributed-timeout-minutes). Raise it when
+    one rank works alone for long (a large checkpoint import or save on a slow filesystem)."""
     skip_train: bool = False
     """Only evaluate the validation sets (of the loaded or imported model) and exit: no
     training step, nothing saved (Megatron's --skip-train)."""
@@ -405,12 +411,14 @@ class TrainConfig:
                 raise SatDistError(f"{flag}: got {v}; allowed: an integer >= {0 if zero_ok else 1}")
 
         for name in ("tensor_model_parallel_size", "micro_batch_size", "seq_length", "train_iters",
-                     "eval_iters", "log_interval", "max_nonfinite_steps"):
+                     "eval_iters", "log_interval", "max_nonfinite_steps", "distributed_timeout_minutes"):
             positive(name, getattr(self, name))
         for name in ("lr_warmup_iters", "save_interval", "eval_interval", "exit_interval"):
             positive(name, getattr(self, name), zero_ok=True)
         if self.global_batch_size is not None:
             positive("global_batch_size", self.global_batch_size)
+        if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            raise SatDistError(f"--peak-tflops: got {self.peak_tflops}; allowed: a finite number > 0 (TFLOP/s per GPU)")
         for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
             v = getattr(self, name)
             if not v >= 0:

@@ -116,6 +116,12 @@ CASES = [
     ("unknown flag", {"_extra": ["--sequence-length", "64"]}, "unrecognized arguments: --sequence-length"),
     ("not an int", {"seq-length": "abc"}, "argument --seq-length: invalid int value: 'abc'"),
     ("batch not divisible", {"global-batch-size": 3}, "--global-batch-size 3 is not a multiple"),
+    ("backward-only with attention omission", {"sat-sparse-pass": "backward", "sat-omission-attn": 0.2},
+     "--sat-sparse-pass backward: omits MLP channels only"),
+    ("backward-only with compensation", {"sat-sparse-pass": "backward", "sat-compensation": "mean"},
+     "nothing for --sat-compensation mean to make up"),
+    ("zero collective timeout", {"distributed-timeout-minutes": 0}, "--distributed-timeout-minutes: got 0"),
+    ("negative peak", {"peak-tflops": -5}, "--peak-tflops: got -5.0; allowed: a finite number > 0"),
     # --config files
     ("yaml syntax", {"config": "{ws}/bad.yaml"}, "not valid YAML"),
     ("json syntax", {"config": "{ws}/bad.json"}, "not valid JSON"),

@@ -105,3 +105,4 @@ def test_fill_ds_config_sets_fp32_gradients_only_under_bf16_and_keeps_the_json_c
             "data_types": {"grad_accum_dtype": "bf16"}}
     ds = fill_ds_config(mine, _train_config(), 2, "x.json")
     assert ds["communication_data_type"] == "bf16" and ds["data_types"]["grad_accum_dtype"] == "bf16"
+

@@ -6,7 +6,9 @@ group; ranks with the same TP rank across those groups form a data-parallel grou
 
 from __future__ import annotations
 
+import inspect
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -15,9 +17,16 @@ from sat_dist.errors import SatDistError
 from sat_dist.model.comm import ParallelComm, _cross_entropy
 
 
-def init_distributed(tp_size: int) -> ParallelComm:
+def local_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a rank: LOCAL_RANK on a node whose ranks see all its GPUs, 0 when
+    each task sees only its own (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES per rank)."""
+    return local_rank % max(visible, 1)
+
+
+def init_distributed(tp_size: int, timeout_minutes: int = 10) -> ParallelComm:
     """Join the job's process group (env:// from torchrun, deepspeed or srun) and build the
-    TP and DP groups. One process without launcher variables runs as world size 1."""
+    TP and DP groups. One process without launcher variables runs as world size 1.
+    timeout_minutes: of every collective (--distributed-timeout-minutes)."""
     if not dist.is_initialized():
         _env_from_slurm()
         if "RANK" not in os.environ:
@@ -26,13 +35,19 @@ def init_distributed(tp_size: int) -> ParallelComm:
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+            torch.cuda.set_device(local_device_index(int(os.environ.get("LOCAL_RANK", 0)),
+                                                     torch.cuda.device_count()))
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     data_parallel_size(dist.get_world_size(), tp_size)
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp_size)
+        kw = {"distributed_timeout_minutes": timeout_minutes}
+        if "create_gloo_process_groups" in inspect.signature(ps.initialize_model_parallel).parameters:
+            # No extra gloo groups (megatron-core >= 0.13 can skip them): nothing here uses
+            # them, and on multi-NIC nodes without GLOO_SOCKET_IFNAME their creation can hang.
+            kw["create_gloo_process_groups"] = False
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp_size, **kw)
     return comm_from_parallel_state()
 
 

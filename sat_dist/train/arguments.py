@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--hf-checkpoint", default=t.hf_checkpoint)
     a("--max-nonfinite-steps", type=int, default=t.max_nonfinite_steps)
     a("--exit-interval", type=int, default=t.exit_interval)
+    a("--distributed-timeout-minutes", type=int, default=t.distributed_timeout_minutes)
+    a("--peak-tflops", type=float, default=t.peak_tflops)
     a("--skip-train", action="store_true", default=t.skip_train)
     a("--reset-position-ids", action="store_true", default=t.reset_position_ids)
     a("--reset-attention-mask", action="store_true", default=t.reset_attention_mask)

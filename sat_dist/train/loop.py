@@ -22,10 +22,9 @@ from sat_dist.sat.schedule import OmissionSchedule
 from sat_dist.sat.selection import keep_count
 from sat_dist.train.arguments import RunConfig, run_definition
 from sat_dist.train.engine import Engine
-from sat_dist.train.metrics import ExecutedFlops, TensorBoardLog
+from sat_dist.train.metrics import ExecutedFlops, TensorBoardLog, device_peak_flops
 from sat_dist.train.preemption import PreemptionFlag
 
-H100_PEAK_BF16 = 989e12
 
 
 @dataclass
@@ -150,10 +149,26 @@ class Trainer:
                            for k, ds in datasets.items() if k == "valid" or k.startswith("valid/")}
         self.flops = ExecutedFlops(model_cfg, self.gbs, t.seq_length, run.sat.sparse_pass == "backward")
         self.last = t.exit_interval if 0 < t.exit_interval < t.train_iters else t.train_iters
-        self.peak = H100_PEAK_BF16 if torch.cuda.is_available() else None
+        self.peak = self._peak_flops(t)
         self.p = Progress()
         self.tb: Optional[TensorBoardLog] = None
         self._saved_at: Optional[int] = None  # iteration of the last checkpoint known complete
+
+    def _peak_flops(self, t) -> Optional[float]:
+        """Per-GPU peak FLOP/s for throughput/mfu: --peak-tflops, else the device's (bf16 or
+        fp32 as the run trains); None on CPU or an unknown GPU (then no MFU is logged)."""
+        if t.peak_tflops is not None:
+            return t.peak_tflops * 1e12
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+        if not t.bf16:
+            self.log(f"warning: training on {name} in fp32 (--bf16 not given): several times slower than bf16 "
+                     f"and more memory; pass --bf16 unless fp32 is meant")
+        peak = device_peak_flops(name, t.bf16)
+        if peak is None:
+            self.log(f"warning: no peak FLOP/s known for {name}: throughput/mfu is not logged; pass --peak-tflops")
+        return peak
 
     def resume(self, tag: str, manifest: dict) -> None:
         """Continue from checkpoint `tag` of --load (check_resume allowed it), as Megatron-LM's

@@ -236,7 +236,7 @@ def _run(argv) -> int:
     from sat_dist.train.engine import build_engine
     from sat_dist.train.loop import train
 
-    comm = init_distributed(t.tensor_model_parallel_size)
+    comm = init_distributed(t.tensor_model_parallel_size, t.distributed_timeout_minutes)
     rank0 = dist.get_rank() == 0
     log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
     datasets = plan.datasets

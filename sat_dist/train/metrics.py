@@ -29,6 +29,26 @@ def model_flops(cfg: ModelConfig, batch: int, seq: int, attn_keep: float = 1.0,
     return dense_tokens + batch * seq * seq * 6 * q * L * attn_keep
 
 
+# Dense peak FLOP/s per GPU from the vendors' data sheets (SXM parts, no structured
+# sparsity): (bf16 tensor cores, fp32 without TF32). Longer names first: "H100 PCIe" before "H100".
+PEAK_FLOPS = {
+    "H100 PCIe": (756e12, 51e12),
+    "H100": (989e12, 67e12),
+    "H200": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12),
+}
+
+
+def device_peak_flops(device_name: str, bf16: bool) -> Optional[float]:
+    """The peak FLOP/s MFU divides by, for a CUDA device name (torch.cuda.get_device_name)
+    and the run's dtype; None for a device not in PEAK_FLOPS (then pass --peak-tflops)."""
+    for key, (peak_bf16, peak_fp32) in PEAK_FLOPS.items():
+        if key.lower() in device_name.lower():
+            return peak_bf16 if bf16 else peak_fp32
+    return None
+
+
 class ExecutedFlops:
     """Dense and executed FLOPs of the steps since the last log line.
 
