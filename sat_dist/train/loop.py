@@ -26,7 +26,6 @@ from sat_dist.train.metrics import ExecutedFlops, TensorBoardLog, device_peak_fl
 from sat_dist.train.preemption import PreemptionFlag
 
 
-
 @dataclass
 class Progress:
     iteration: int = 0
