@@ -1,14 +1,28 @@
-"""Shared fixtures: a tiny tokenized corpus and HF initial weights for pipeline tests."""
+"""Shared fixtures: a tiny tokenized corpus and HF initial weights for pipeline tests.
 
-import sysconfig
-from pathlib import Path
+The CPU suite hides CUDA from itself and from every rank and launcher it starts: its
+multi-rank tests compare gloo ranks bit for bit with one process, which on a GPU node would
+pick NCCL, one device per rank and non-deterministic kernels. The GPU tests (tests/gpu/) run
+on their own, with SAT_DIST_GPU_TESTS=1 (tools/gpu_check.sh does): then only they are
+collected and CUDA stays visible.
+"""
 
-import pytest
-import torch
+import os
 
-from sat_dist.data.indexed import IndexedDatasetWriter, token_dtype
-from sat_dist.data.tokenizer import load_tokenizer, train_sentencepiece
-from tests.launchers import REPO, _flags, scalars, torchrun
+GPU_RUN = os.environ.get("SAT_DIST_GPU_TESTS") == "1"
+if not GPU_RUN:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA (lazily, later)
+collect_ignore_glob = ["test_*.py"] if GPU_RUN else []
+
+import sysconfig  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sat_dist.data.indexed import IndexedDatasetWriter, token_dtype  # noqa: E402
+from sat_dist.data.tokenizer import load_tokenizer, train_sentencepiece  # noqa: E402
+from tests.launchers import REPO, _flags, scalars, torchrun  # noqa: E402
 
 
 @pytest.fixture(scope="session")

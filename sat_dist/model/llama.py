@@ -133,8 +133,15 @@ class SATAttention(nn.Module):
             # cover them.
             cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)  # [b, 1, s, d]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gqa = r > 1
+        if attn_mask is not None and gqa:
+            # SDPA's GQA path with a mask runs the math kernel, which holds [b, heads, s, s]
+            # scores (out of memory at seq 4096 for Llama-3-8B); K/V expanded to the query
+            # heads (linear in s) keep the memory-efficient kernel.
+            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # [b, g*r, s, d]
+            gqa = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                             enable_gqa=r > 1)
+                                             enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, s, g * r * d)  # [b, s, g*r*d]
         if kept is None:
             y = torch.matmul(out, self.proj_weight)  # [b, s, h] partial over TP

@@ -97,13 +97,19 @@ def ensure_adam_state(optimizer, step: Optional[int]) -> None:
     flats = getattr(optimizer, "fp32_partitioned_groups_flat", None) or \
         getattr(optimizer, "single_partition_of_fp32_groups", None) or \
         [p for group in inner.param_groups for p in group["params"]]
+    # torch's fused (and capturable) AdamW keeps `step` on the parameter's device and refuses
+    # a CPU one there; the other implementations keep it on the CPU.
+    on_device = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
     for p in flats:
         st = inner.state[p]
         for key in MOMENTS:
             if key not in st:
                 st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         old = st.get("step")
-        st["step"] = torch.tensor(float(step)) if old is None or torch.is_tensor(old) else step
+        if old is None or torch.is_tensor(old):
+            st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
+        else:
+            st["step"] = step
 
 
 @torch.no_grad()

@@ -91,11 +91,14 @@ def fill_ds_config(ds: dict, t: TrainConfig, dp_size: int, where: str) -> dict:
                                f"({value}); remove it from the JSON or set it to \"auto\"")
     params.update(flags)
     opt["type"] = "AdamW"
-    if not torch.cuda.is_available():
-        params["torch_adam"] = True  # FusedAdam needs CUDA
-        # torch's fused CPU AdamW: one pass, no temporaries. The default single-tensor AdamW
-        # allocated sqrt/div temporaries of the whole partition: its phase was 40% of a 7B-width
-        # ZeRO-3 step on CPU (docs/PERFORMANCE.md); fused measured 4.5x faster per parameter.
+    # torch's own AdamW, fused (one pass, no temporaries), on CPU and on CUDA: DeepSpeed's
+    # FusedAdam is JIT-built with nvcc at first use on every node (a missing CUDA_HOME fails
+    # the run, a killed build leaves a lock that hangs the next one). On CPU the default
+    # single-tensor AdamW allocated sqrt/div temporaries of the whole partition: its phase was
+    # 40% of a 7B-width ZeRO-3 step (docs/PERFORMANCE.md); fused measured 4.5x faster. A JSON
+    # that sets torch_adam false gets DeepSpeed's op (prebuilt with DS_BUILD_FUSED_ADAM=1).
+    params.setdefault("torch_adam", True)
+    if params["torch_adam"]:
         params.setdefault("fused", True)
     if params.get("torch_adam"):
         params.setdefault("adam_w_mode", True)
