@@ -197,9 +197,11 @@ class Trainer:
             lr_position = saved_iteration  # the flags' schedule at the checkpoint's iteration
         else:
             lr_position = None
+        t0 = time.perf_counter()
         restore_checkpoint(self.eng.engine, self.eng.model, t.load, tag, manifest, self.comm, self.model_cfg,
                            self.eng.stage3, load_optim=not (t.finetune or t.no_load_optim),
                            load_rng=not (t.finetune or t.no_load_rng), lr_position=lr_position)
+        load_s = time.perf_counter() - t0
         if t.finetune:
             p.iteration, p.consumed_samples, self.stage_start = 0, 0, 0
         else:
@@ -217,7 +219,7 @@ class Trainer:
                          f"optimizer and schedules start at 0")
             else:
                 self.log(f"resumed from {t.load} at iteration {p.iteration} "
-                         f"({p.consumed_samples} samples consumed; {layout})")
+                         f"({p.consumed_samples} samples consumed; {layout}; loaded in {load_s:.1f} s)")
             new = [f for f, on in (("Adam state", t.no_load_optim), ("RNG state", t.no_load_rng)) if on]
             if new and not t.finetune:
                 self.log(f"not loaded from the checkpoint: {', '.join(new)}")
@@ -452,12 +454,13 @@ class Trainer:
             if self.rank0:
                 self.log(f"not saving at iteration {p.iteration}: {p.skipped_in_row} non-finite step(s) in a row")
             return
+        t0 = time.perf_counter()
         save_checkpoint(self.eng.engine, self.eng.model, self.t.save, p.iteration, p.consumed_samples,
                         self.comm, self.model_cfg, self.eng.stage3, self.definition,
                         extra={**self._manifest_extra(), "stage_start_iteration": self.stage_start})
         self._saved_at = p.iteration
         if self.rank0:
-            self.log(f"saved checkpoint at iteration {p.iteration} to {self.t.save}")
+            self.log(f"saved checkpoint at iteration {p.iteration} to {self.t.save} ({time.perf_counter() - t0:.1f} s)")
 
 
 def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
