@@ -149,6 +149,21 @@ def _partition_topk(scores: torch.Tensor, tp: int, k_local: int) -> list[int]:
     return sorted(int(i) + p * n for p in range(tp) for i in scores[p * n:(p + 1) * n].topk(k_local).indices)
 
 
+def _sat_run(cfg, hf_sd, ids, labels, sat, rates, tp, world):
+    """(loss, merged grads, global kept units per (layer, kind)) of one process (world 1) or of
+    TP x DP gloo ranks; every DP replica of a partition must have picked the same units."""
+    if world == 1:
+        return _single(cfg, hf_sd, ids, labels, sat, None, rates)
+    res = run_ranks(world, _worker, tp, cfg, hf_sd, ids, labels, sat, None, rates)
+    selected = {}
+    for r in res:
+        assert r["selected"] == next(q for q in res if q["tp_rank"] == r["tp_rank"])["selected"]
+        if r["dp_rank"] == 0:
+            for key, idx in r["selected"].items():
+                selected[key] = sorted((selected.get(key) or []) + (idx or []))
+    return res[0]["loss"], _merged_grads(res, tp, cfg), selected
+
+
 @pytest.mark.parametrize("tp,world", [(1, 1), (2, 4)], ids=["single", "tp2xdp2"])
 def test_compensated_forward_equals_transformers_with_means(tp, world):
     cfg = GQA
@@ -157,17 +172,7 @@ def test_compensated_forward_equals_transformers_with_means(tp, world):
     rates = (0.0, 0.5)
     sat = SATConfig(metric="fluctuation", compensation="mean", selection="topk", align_mlp=8,
                     token_stride=STRIDE).validate()
-    if world == 1:
-        loss, grads, selected = _single(cfg, hf_sd, ids, labels, sat, None, rates)
-    else:
-        res = run_ranks(world, _worker, tp, cfg, hf_sd, ids, labels, sat, None, rates)
-        loss, grads = res[0]["loss"], _merged_grads(res, tp, cfg)
-        selected = {}
-        for r in res:  # every replica of a partition picked the same channels
-            for key, idx in r["selected"].items():
-                if r["dp_rank"] == 0:
-                    selected[key] = sorted((selected.get(key) or []) + (idx or []))
-            assert r["selected"] == next(q for q in res if q["tp_rank"] == r["tp_rank"])["selected"]
+    loss, grads, selected = _sat_run(cfg, hf_sd, ids, labels, sat, rates, tp, world)
     kept = _kept_mlp(selected, cfg)
     assert set(kept) == set(range(cfg.num_layers)) and all(len(v) == 64 for v in kept.values())
     ref_loss, ref_grads, acts = _reference(cfg, hf_sd, ids, labels, kept, "mean")
@@ -207,15 +212,7 @@ def test_backward_only_loss_is_dense_and_grads_equal_detached_reference(tp, worl
     sat = SATConfig(metric="activation", selection="topk", sparse_pass="backward", align_mlp=8,
                     token_stride=STRIDE).validate()
     dense_loss, dense_grads, _ = _single(cfg, hf_sd, ids, labels)
-    if world == 1:
-        loss, grads, selected = _single(cfg, hf_sd, ids, labels, sat, None, rates)
-    else:
-        res = run_ranks(world, _worker, tp, cfg, hf_sd, ids, labels, sat, None, rates)
-        loss, grads = res[0]["loss"], _merged_grads(res, tp, cfg)
-        selected = {}
-        for r in (q for q in res if q["dp_rank"] == 0):
-            for key, idx in r["selected"].items():
-                selected[key] = sorted((selected.get(key) or []) + (idx or []))
+    loss, grads, selected = _sat_run(cfg, hf_sd, ids, labels, sat, rates, tp, world)
     kept = _kept_mlp(selected, cfg)
     assert set(kept) == set(range(cfg.num_layers)) and all(len(v) == 64 for v in kept.values())
     ref_loss, ref_grads, acts = _reference(cfg, hf_sd, ids, labels, kept, "backward")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plot_runs import Run, bench_step_times  # noqa: E402
+from plot_runs import Run, bench_step_times, save_figure  # noqa: E402
 
 
 def arm_points(spec: dict, root: Path) -> list[dict]:
@@ -108,10 +108,7 @@ def plot(points: list[dict], sets: list[str], out: Path, title: str, target: flo
         ax.set_ylabel(f"held-out perplexity above dense: {n} (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_figure(fig, title, out)
 
 
 def main(argv=None) -> int:

@@ -199,6 +199,11 @@ def plot(runs: list[Run], sets: list[str], base: dict[str, float] | None, out: P
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8)
+    save_figure(fig, title, out)
+
+
+def save_figure(fig, title: str, out: Path) -> None:
+    """Title, layout, and the PNG at `out` (its folder made if missing)."""
     fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,9 +43,14 @@ def _feature_norms(x: torch.Tensor, reduce: Reduce) -> torch.Tensor:
     return reduce(sq, "sum").sqrt()
 
 
-def _channel_activations(xs: torch.Tensor, fc1: torch.Tensor, n: int) -> torch.Tensor:
-    """a_j(t) = silu(x_t.w_gate_j) * (x_t.w_up_j), fp32: [tokens, n]."""
-    xs = xs.float()
+def _scored_activations(x: torch.Tensor, fc1: torch.Tensor, n: int, token_stride: int,
+                        activations: torch.Tensor | None) -> torch.Tensor:
+    """a_j(t) = silu(x_t.w_gate_j) * (x_t.w_up_j) on the scored tokens, fp32 [tokens, n]: taken
+    from `activations` when the caller has them (the dense forward of --sat-sparse-pass
+    backward), else computed from x."""
+    if activations is not None:
+        return _tokens(activations, token_stride).float()
+    xs = _tokens(x, token_stride).float()
     return F.silu(xs @ fc1[:n].float().t()) * (xs @ fc1[n:].float().t())
 
 
@@ -73,8 +78,7 @@ def mlp_scores_and_mean(metric: str, x: torch.Tensor, fc1: torch.Tensor, fc2: to
     """(scores [n], mean activation [n] over the scored tokens) of the MLP channels held
     here: what --sat-compensation mean needs. One reduce for activation and fluctuation."""
     n = fc2.shape[0]
-    a = _channel_activations(_tokens(x, token_stride), fc1, n) if activations is None \
-        else _tokens(activations, token_stride).float()
+    a = _scored_activations(x, fc1, n, token_stride, activations)
     mean, centred, count = channel_moments(a, reduce)
     if metric == "fluctuation":
         return centred.sqrt() * fc2.float().norm(dim=1), mean
@@ -111,8 +115,7 @@ def mlp_scores(metric: str, x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tenso
         # Channel j adds a_j(t) * W_down[:, j] to the output, a_j = silu(x.w_gate_j) * (x.w_up_j),
         # so ||a_j|| over tokens times ||W_down[:, j]|| is the norm of exactly what omitting
         # j removes. maxip sees only the gate's pre-activation.
-        a = _channel_activations(xs, fc1, n) if activations is None \
-            else _tokens(activations, token_stride).float()  # [tokens, n]
+        a = _scored_activations(x, fc1, n, token_stride, activations)  # [tokens, n]
         if metric == "fluctuation":
             # FLAP's fluctuation: what omitting j removes once its mean is added back
             return channel_moments(a, reduce)[1].sqrt() * fc2.float().norm(dim=1)
