@@ -106,3 +106,35 @@ def test_fill_ds_config_sets_fp32_gradients_only_under_bf16_and_keeps_the_json_c
     ds = fill_ds_config(mine, _train_config(), 2, "x.json")
     assert ds["communication_data_type"] == "bf16" and ds["data_types"]["grad_accum_dtype"] == "bf16"
 
+
+
+def _master_worker(rank, world, ds_config, hf_sd):
+    """Per parameter: (master equals the checkpoint's fp32 value, master equals its bf16 rounding)."""
+    from sat_dist.parallel.state import init_distributed
+    from sat_dist.parallel.zero import full_fp32
+    from sat_dist.train.engine import build_engine, deepspeed_config, zero_stage
+
+    comm = init_distributed(1)
+    cfg = ModelConfig.from_file(MODEL_CONFIG_DIR / "tiny-test.json")
+    t = _train_config(ds_config)
+    ds = deepspeed_config(t, comm.dp_size)
+    eng = build_engine(cfg, SATConfig(schedule="dense").validate(), t, comm, hf_sd, ds)
+    local = shard_hf_state_dict(hf_sd, cfg, 1, 0)
+    stage3 = zero_stage(ds) == 3
+    out = {}
+    for name, p in eng.model.named_parameters():
+        master = full_fp32(p, stage3).float().cpu()
+        out[name] = (torch.equal(master, local[name]), torch.equal(master, local[name].bfloat16().float()))
+    return out
+
+
+@pytest.mark.parametrize("config", ["ds_zero3.json", "ds_zero1.json"])
+def test_bf16_master_weights_are_the_checkpoints_fp32_values_not_their_bf16_rounding(setup, config):
+    """DeepSpeed makes its fp32 masters from the bf16 parameters; the run must start from the
+    checkpoint's own fp32 values instead, on every DP rank (ZeRO-3: each rank's partition)."""
+    hf_sd = setup[0]
+    ds_config = str(MODEL_CONFIG_DIR.parents[1] / "configs" / config)
+    for rank_result in run_ranks(DP, _master_worker, ds_config, hf_sd, timeout=600):
+        assert all(exact for exact, _ in rank_result.values()), [n for n, (e, _) in rank_result.items() if not e]
+        # the check can fail: random fp32 weights are not bf16 values (only the norms' ones are)
+        assert sum(not rounded for _, rounded in rank_result.values()) > len(rank_result) / 2

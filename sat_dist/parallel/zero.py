@@ -147,6 +147,27 @@ def write_local_weight(p: torch.nn.Parameter, name: str, value: Optional[torch.T
                                f"(DeepSpeed {deepspeed.__version__}); please report this")
 
 
+@torch.no_grad()
+def init_fp32_masters(model: torch.nn.Module, local: Optional[dict[str, torch.Tensor]], comm: ParallelComm,
+                      stage3: bool) -> None:
+    """Set every fp32 master weight from the checkpoint's own values. DeepSpeed makes the
+    masters from the model's parameters, which under --bf16 hold the weights rounded to bf16;
+    without this a run starts from a rounded model. Under ZeRO-3 only DP rank 0 holds `local`
+    and broadcasts each tensor (every rank cuts its own partition from the whole value):
+    a collective over the DP group, in load_local_weights' order."""
+    import torch.distributed as dist
+
+    for name, p in model.named_parameters():
+        value = None if local is None else local[name]
+        if stage3 and comm.dp_size > 1:
+            whole = torch.empty(local_shape(p, stage3), dtype=torch.float32, device=p.device)
+            if comm.dp_rank == 0:
+                whole.copy_(value)
+            dist.broadcast(whole, src=dist.get_global_rank(comm.dp_group, 0), group=comm.dp_group)
+            value = whole
+        set_full_fp32(p, value)
+
+
 def gather_param_state(optimizer, p: torch.nn.Parameter, stage3: bool) -> dict[str, Optional[torch.Tensor]]:
     """{"param": fp32 master, each of MOMENTS: Adam moment or None}, whole (TP-local, gathered
     over DP). Collective: every DP rank calls it for every parameter, in the same order."""

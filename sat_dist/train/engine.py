@@ -21,7 +21,7 @@ from sat_dist.model.layout import layout_of
 from sat_dist.model.llama import LlamaModel
 from sat_dist.model.sat_state import SATState
 from sat_dist.parallel.state import MegatronMPU
-from sat_dist.parallel.zero import load_local_weights
+from sat_dist.parallel.zero import init_fp32_masters, load_local_weights
 from sat_dist.train.lr import schedule_of
 
 DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 3}}
@@ -184,6 +184,8 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
         reads = not stage3 or comm.dp_rank == 0
         local = shard_hf_state_dict(hf_state_dict, model_cfg, comm.tp_size, comm.tp_rank) if reads else None
         load_local_weights(model, local, comm, stage3)
+    else:
+        local = None
     groups = optimizer_param_groups(model)
 
     lr_of = schedule_of(t)
@@ -198,6 +200,9 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
                                            lr_scheduler=schedule, mpu=MegatronMPU(),
                                            dist_init_required=False)
+    if hf_state_dict is not None and t.bf16:
+        # The bf16 parameters hold the checkpoint rounded; the masters take its own values.
+        init_fp32_masters(model, local, comm, stage3)
     return Engine(engine, model, sat, ds, ds["gradient_accumulation_steps"])
 
 
