@@ -97,6 +97,36 @@ def comm_from_parallel_state() -> ParallelComm:
     return comm
 
 
+def hpz_partition_group(comm: ParallelComm, size: int):
+    """The group of ZeRO++ hierarchical partitioning (`zero_hpz_partition_size`): `size`
+    consecutive DP replicas of this rank's TP partition, which hold a second, group-local
+    partition of the weights so that the backward's all-gathers stay inside a node.
+
+    DeepSpeed builds that group from consecutive GLOBAL ranks and ignores the TP layout: at
+    TP > 1 it would mix ranks that hold different TP shards of a weight and gather them into
+    one tensor, silently wrong. This builds it inside the DP group instead, and registers it
+    as DeepSpeed's (its ZeRO-3 optimizer reads the module-level group). Collective over the
+    world: every rank creates every group, in the same order."""
+    from deepspeed.utils import groups
+
+    if size < 1 or comm.dp_size % size:
+        raise SatDistError(f"--ds_config: zero_optimization.zero_hpz_partition_size {size} does not divide the "
+                           f"data-parallel size {comm.dp_size}; set it to the GPUs per node / TP "
+                           f"(a divisor of {comm.dp_size})")
+    mine = tuple(dist.get_process_group_ranks(comm.dp_group)) if comm.dp_group is not None else (dist.get_rank(),)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    found = None
+    for dp_ranks in sorted(set(every)):
+        for start in range(0, len(dp_ranks), size):
+            members = list(dp_ranks[start:start + size])
+            group = dist.new_group(members)
+            if dist.get_rank() in members:
+                found = group
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = found
+    return found
+
+
 class MegatronMPU:
     """The `mpu` DeepSpeed expects, over megatron-core's groups (their names differ)."""
 

@@ -20,7 +20,7 @@ from sat_dist.model.comm import ParallelComm
 from sat_dist.model.layout import layout_of
 from sat_dist.model.llama import LlamaModel
 from sat_dist.model.sat_state import SATState
-from sat_dist.parallel.state import MegatronMPU
+from sat_dist.parallel.state import MegatronMPU, hpz_partition_group
 from sat_dist.parallel.zero import init_fp32_masters, load_local_weights
 from sat_dist.train.lr import schedule_of
 
@@ -173,8 +173,10 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     # Same seed on every DP replica of a TP partition (ZeRO-3 keeps one rank's init); a
     # different one per TP rank so that shards are not copies of each other.
     torch.manual_seed(t.seed + 1009 * comm.tp_rank)
+    hpz = ds.get("zero_optimization", {}).get("zero_hpz_partition_size", 1)
+    hpz_group = hpz_partition_group(comm, hpz) if stage3 and hpz > 1 else None
     with deepspeed.zero.Init(data_parallel_group=comm.dp_group, config_dict_or_path=ds, enabled=stage3,
-                             mpu=MegatronMPU()):
+                             mpu=MegatronMPU(), zero_param_parallel_group=hpz_group):
         model = LlamaModel(model_cfg, sat, comm, recompute=t.recompute_activations)
     if hf_state_dict is not None:
         from sat_dist.checkpoint.hf import shard_hf_state_dict
