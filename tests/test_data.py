@@ -225,13 +225,13 @@ def test_reader_rejects_empty_and_mismatched_vocab(tmp_path):
 
 def test_writer_refuses_overflow_and_keeps_old_output(tmp_path):
     prefix = write_docs(tmp_path / "ds", [[1, 2, 3]])
-    before = {p: Path(p).read_bytes() for p in (prefix + ".bin", prefix + ".idx")}
+    before = {p: Path(p).read_bytes() for p in (prefix + ".bin", prefix + ".idx", prefix + ".doclast.npz")}
     with pytest.raises(SatDistError):
         with IndexedDatasetWriter(prefix, np.uint16) as w:
             w.add_document([7, 8])
             w.add_document([70000])  # does not fit uint16: must fail, not wrap
     assert {p: Path(p).read_bytes() for p in before} == before
-    assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx"]  # no temp files left
+    assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.doclast.npz", "ds.idx"]  # no temp files left
 
 
 # ---------------------------------------------------------------- packing
@@ -415,7 +415,7 @@ def test_cli_bad_json_is_exit_2_and_keeps_old_output(corpus, sp_model, tmp_path)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"{bad}:2" in lines[0], res.stderr
     assert {p: Path(p).read_bytes() for p in before} == before
-    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "keep.bin", "keep.idx"]
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "keep.bin", "keep.doclast.npz", "keep.idx"]
 
 
 @pytest.mark.parametrize("case", ["missing_input", "no_match", "missing_key", "bad_tokenizer"])

@@ -279,9 +279,13 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
     for name, p in zero.unique_params(model):
         if name not in owners:
             raise SatDistError(f"--load {ckpt_dir}: {tag} has no {name}; it was saved by another model")
-        entries = [stored(name, r) for r in range(old_tp)]
-        local = {k: reshard_local(name, [e[k] for e in entries], model_cfg, comm.tp_size, comm.tp_rank)
-                 for k in keys if entries[0].get(k) is not None}
+        if old_tp == comm.tp_size:  # this rank's own TP shard, as stored: no other shard is read
+            entry = stored(name, comm.tp_rank)
+            local = {k: entry[k] for k in keys if entry.get(k) is not None}
+        else:
+            entries = [stored(name, r) for r in range(old_tp)]
+            local = {k: reshard_local(name, [e[k] for e in entries], model_cfg, comm.tp_size, comm.tp_rank)
+                     for k in keys if entries[0].get(k) is not None}
         zero.write_param_state(engine.optimizer, p, name, local, comm, stage3)
     if load_optim or lr_position is not None:
         # --finetune keeps the fresh engine's counters (iteration 0, nothing consumed, LR step 0)

@@ -74,6 +74,7 @@ class IndexedDatasetWriter:
         self._idx_tmp = self.prefix + ".idx" + tag
         self._bin = open(self._bin_tmp, "wb")
         self._lengths = array.array("q")  # 8 bytes per document, not a Python int each
+        self._last = array.array("q")  # each document's last token (0 if empty): PREFIX.doclast.npz
         self.num_tokens = 0
         self._done = False
 
@@ -89,6 +90,7 @@ class IndexedDatasetWriter:
                                "exceeds the format's int32 length; split it")
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(arr.size)
+        self._last.append(int(arr.reshape(-1)[-1]) if arr.size else 0)
         self.num_tokens += int(arr.size)
 
     @property
@@ -109,6 +111,14 @@ class IndexedDatasetWriter:
             f.write(np.arange(s + 1, dtype=np.int64).tobytes())
         os.replace(self._bin_tmp, self.prefix + ".bin")
         os.replace(self._idx_tmp, self.prefix + ".idx")
+        # the document index beside it (sat_dist.data.doc_ends), so start-up never reads the .bin
+        from sat_dist.data import doc_ends
+
+        bounds = np.zeros(s + 1, dtype=np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        doc_ends.write(doc_ends.cache_file(self.prefix),
+                       np.frombuffer(self._last, dtype=np.int64).astype(self.dtype),
+                       doc_ends.fingerprint(bounds, self.prefix + ".idx", self.prefix + ".bin"))
         self._done = True
 
     def abort(self) -> None:

@@ -32,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 
+from sat_dist.data.doc_ends import last_tokens
 from sat_dist.data.indexed import IndexedDatasetReader
 from sat_dist.errors import SatDistError
 
@@ -41,12 +42,13 @@ SPLIT_NAMES = ("train", "valid", "test")
 class TokenStream:
     """The documents of an indexed dataset as one virtual token stream with EOS separators."""
 
-    def __init__(self, reader: IndexedDatasetReader, eos_id: int):
+    def __init__(self, reader: IndexedDatasetReader, eos_id: int, cache_dir: Optional[str | Path] = None):
         self.reader = reader
         self.eos_id = int(eos_id)
         bounds = reader.doc_bounds
         lengths = np.diff(bounds)  # [docs]
-        last = reader.tokens[np.maximum(bounds[1:] - 1, 0)]  # [docs]; garbage for empty docs
+        # from PREFIX.doclast.npz, not the .bin: start-up reads the index only (doc_ends)
+        last = last_tokens(reader, cache_dir)  # [docs]
         has_eos = (lengths > 0) & (last == self.eos_id)
         # stream offset where each document starts, plus the end: [docs + 1]
         self._starts = np.zeros(len(reader) + 1, dtype=np.int64)
@@ -141,8 +143,8 @@ def split_sample_ranges(num_samples: int, weights: list[float]) -> list[tuple[in
 
 
 def build_packed_datasets(prefix: str | Path, seq_length: int, eos_id: int, seed: int = 1234,
-                          split: str = "969,30,1", vocab_size: Optional[int] = None
-                          ) -> dict[str, PackedDataset]:
+                          split: str = "969,30,1", vocab_size: Optional[int] = None,
+                          cache_dir: Optional[str | Path] = None) -> dict[str, PackedDataset]:
     """Open PREFIX.bin/.idx and return the splits with a weight > 0: {"train": ..., ...}.
 
     vocab_size, when given, checks the stored dtype can hold the tokenizer's ids (cheap);
@@ -153,7 +155,7 @@ def build_packed_datasets(prefix: str | Path, seq_length: int, eos_id: int, seed
     if not isinstance(seed, int) or seed < 0:
         raise SatDistError(f"data.seed: got {seed!r}; allowed: an integer >= 0")
     weights = parse_split(split)
-    stream = TokenStream(IndexedDatasetReader(prefix, vocab_size=vocab_size), eos_id)
+    stream = TokenStream(IndexedDatasetReader(prefix, vocab_size=vocab_size), eos_id, cache_dir)
     total = (stream.num_tokens - 1) // seq_length
     out = {}
     for i, (name, w, (lo, hi)) in enumerate(zip(SPLIT_NAMES, weights,
@@ -171,7 +173,7 @@ def build_packed_datasets(prefix: str | Path, seq_length: int, eos_id: int, seed
 
 def build_whole_dataset(prefix: str | Path, seq_length: int, eos_id: int, seed: int = 1234,
                         vocab_size: Optional[int] = None, name: str = "valid", split_index: int = 1,
-                        scan_ids: bool = True) -> PackedDataset:
+                        scan_ids: bool = True, cache_dir: Optional[str | Path] = None) -> PackedDataset:
     """All of PREFIX.bin/.idx as one dataset (a validation, training or test set of its
     own), shuffled like the split `split_index` (0 train, 1 valid, 2 test).
 
@@ -182,7 +184,7 @@ def build_whole_dataset(prefix: str | Path, seq_length: int, eos_id: int, seed: 
     reader = IndexedDatasetReader(prefix, vocab_size=vocab_size)
     if vocab_size is not None and scan_ids:
         reader.check_token_range(vocab_size)
-    stream = TokenStream(reader, eos_id)
+    stream = TokenStream(reader, eos_id, cache_dir)
     total = (stream.num_tokens - 1) // seq_length
     if total == 0:
         raise SatDistError(f"{prefix}: {stream.num_tokens} tokens (EOS separators included), not one sample "

@@ -49,7 +49,9 @@ def set_full_fp32(p: torch.nn.Parameter, value: torch.Tensor) -> None:
     """Set the fp32 master copy of p from its whole (TP-local) value."""
     from deepspeed.utils import safe_set_full_fp32_param
 
-    safe_set_full_fp32_param(p, value.to(torch.float32).to(p.device))
+    # The value stays where it is (a resume's is memory-mapped on the CPU): DeepSpeed cuts this
+    # rank's partition out of it first, so only that slice is read and copied to the device.
+    safe_set_full_fp32_param(p, value.to(torch.float32))
 
 
 def full_moment(optimizer, p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
@@ -70,7 +72,7 @@ def set_full_moment(optimizer, p: torch.nn.Parameter, key: str, value: torch.Ten
     from deepspeed.utils import safe_set_full_optimizer_state
 
     if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
-        safe_set_full_optimizer_state(p, value.to(torch.float32).to(p.device), key)
+        safe_set_full_optimizer_state(p, value.to(torch.float32), key)  # sliced first, as set_full_fp32
     else:
         _inner(optimizer).state[p][key].copy_(value)
 
@@ -181,7 +183,8 @@ def write_param_state(optimizer, p: torch.nn.Parameter, name: str, state: dict[s
                       comm: ParallelComm, stage3: bool) -> None:
     """Write a parameter's whole TP-local weight (into the model and the fp32 master) and its
     Adam moments (those in `state`); the inverse of gather_param_state. Collective."""
-    write_local_weight(p, name, state["param"], comm, stage3)
+    # Under ZeRO-3 only DP rank 0's value is written (and broadcast): the others need not read it.
+    write_local_weight(p, name, state["param"] if not stage3 or comm.dp_rank == 0 else None, comm, stage3)
     set_full_fp32(p, state["param"])
     for key in MOMENTS:
         if key in state:
