@@ -8,6 +8,15 @@ tools/preprocess_data.py, with directories walked for code corpora:
         --tokenizer-model tokenizer.model --output-prefix data/stdlib --workers 8 --append-eod
     python tools/preprocess_data.py --input corpus.jsonl --json-key text ...
 
+Every document starts with the tokenizer's BOS, as Megatron-LM's Llama tokenizers and
+transformers' `tokenizer(text)` do (Llama-2 and Llama-3 were pretrained so): the text's ids
+come from the tokenizer without special tokens, then BOS goes first, exactly once.
+Tokenizers without a BOS, or whose BOS is their EOS (GPT-2, SmolLM2), or that say they add
+none (tokenizer_config.json "add_bos_token": false, a tokenizer.json post-processor without
+BOS), get none; --no-bos leaves it out always. PREFIX.tokenizer.json records the tokenizer
+and "bos": true/false (sat_dist.data.tokenizer.tokenizer_record); a training run refuses a
+blend of datasets with and without BOS.
+
 Output order is input order whatever --workers is. Existing output is replaced only once the
 new one is complete. Bad input: one line "error: ..." on stderr and exit code 2.
 """
@@ -28,7 +37,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from sat_dist.data.indexed import IndexedDatasetWriter, token_dtype  # noqa: E402
-from sat_dist.data.tokenizer import load_tokenizer, tokenizer_record, write_tokenizer_record  # noqa: E402
+from sat_dist.data.tokenizer import (  # noqa: E402
+    document_ids,
+    load_tokenizer,
+    tokenizer_record,
+    write_tokenizer_record,
+)
 from sat_dist.errors import SatDistError  # noqa: E402
 
 EMPTY, UNDECODABLE = "empty", "undecodable"
@@ -51,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SentencePiece tokenizer.model or HF tokenizer.json")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--append-eod", action="store_true", help="end every document with EOS")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not start documents with BOS (default: they start with the tokenizer's "
+                        "BOS, as transformers' tokenizer(text) does, where the tokenizer has one "
+                        "other than its EOS)")
     p.add_argument("--skip-undecodable", action="store_true",
                    help="skip text files that are not UTF-8 instead of failing")
     return p.parse_args(argv)
@@ -111,10 +129,10 @@ def batched(items, max_items: int, max_chars: int = 1 << 20):
         yield batch
 
 
-def _init_worker(tokenizer_path: str, append_eod: bool, skip_undecodable: bool) -> None:
+def _init_worker(tokenizer_path: str, append_eod: bool, skip_undecodable: bool, bos: bool = True) -> None:
     tok = load_tokenizer(tokenizer_path)
     _worker.update(tok=tok, dtype=token_dtype(tok.vocab_size), eod=append_eod,
-                   skip=skip_undecodable)
+                   skip=skip_undecodable, bos=bos and tok.add_bos)
 
 
 def _document_text(kind: str, source: str, payload) -> str | None:
@@ -151,7 +169,7 @@ def _tokenize_batch(batch) -> list:
         elif not text:
             out.append(EMPTY)
         else:
-            ids = tok.encode(text) + ([tok.eos_id] if _worker["eod"] else [])
+            ids = document_ids(tok, text, bos=_worker["bos"], eod=_worker["eod"])
             out.append(np.asarray(ids, dtype=_worker["dtype"]))
     return out
 
@@ -160,8 +178,8 @@ def run(args: argparse.Namespace) -> str:
     if args.workers < 1:
         raise SatDistError(f"--workers: got {args.workers}; allowed: an integer >= 1")
     files = find_inputs(args.input, args.glob)
-    _init_worker(args.tokenizer_model, args.append_eod, args.skip_undecodable)  # fail early
-    tok, dtype = _worker["tok"], _worker["dtype"]
+    _init_worker(args.tokenizer_model, args.append_eod, args.skip_undecodable, not args.no_bos)  # fail early
+    tok, dtype, bos = _worker["tok"], _worker["dtype"], _worker["bos"]
     any_jsonl = args.json_key is not None or any(f.suffix == ".jsonl" for f in files)
     batches = batched(work_items(files, args.json_key), max_items=256 if any_jsonl else 8)
 
@@ -184,12 +202,14 @@ def run(args: argparse.Namespace) -> str:
             raise SatDistError(f"--input: all {sum(skipped.values())} documents are empty or "
                                "skipped; nothing to write")
         writer.finalize()
-    # Which tokenizer made the data: a training run refuses a blend of datasets made with
-    # different tokenizers, or data made with another tokenizer than its --tokenizer-model.
-    write_tokenizer_record(writer.prefix, tokenizer_record(args.tokenizer_model))
+    # Which tokenizer made the data, and whether documents start with BOS: a training run
+    # refuses a blend of datasets made with different tokenizers or mixing BOS and no BOS,
+    # or data made with another tokenizer than its --tokenizer-model.
+    write_tokenizer_record(writer.prefix, tokenizer_record(args.tokenizer_model, tok, bos=bos))
     notes = ", ".join(f"{n} {why} skipped" for why, n in sorted(skipped.items()))
     return (f"wrote {writer.prefix}.bin/.idx: {writer.num_documents} documents, "
-            f"{writer.num_tokens} tokens, {dtype.name}, vocab {tok.vocab_size}, eos {tok.eos_id}"
+            f"{writer.num_tokens} tokens, {dtype.name}, vocab {tok.vocab_size}, "
+            f"bos {tok.bos_id if bos else 'none'}, eos {tok.eos_id}"
             f"{'; ' + notes if notes else ''} ({time.time() - t0:.1f} s)")
 
 
@@ -202,7 +222,7 @@ def _map_ordered(batches, args):
     import multiprocessing as mp
 
     with mp.Pool(args.workers, _init_worker,
-                 (args.tokenizer_model, args.append_eod, args.skip_undecodable)) as pool:
+                 (args.tokenizer_model, args.append_eod, args.skip_undecodable, not args.no_bos)) as pool:
         pending = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(_tokenize_batch, (batch,)))

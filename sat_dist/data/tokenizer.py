@@ -22,8 +22,9 @@ _BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
 class Tokenizer:
     """What the data pipeline needs from a tokenizer.
 
-    `encode` adds no BOS/EOS; document separators are the data pipeline's business.
-    `decode` drops special/control tokens (EOS, BOS), so decode(encode(t)) == t.
+    `encode` adds no BOS/EOS; document separators are the data pipeline's business
+    (`document_ids` builds a document's ids). `decode` drops special/control tokens (EOS,
+    BOS), so decode(encode(t)) == t.
     """
 
     path: str
@@ -37,6 +38,14 @@ class Tokenizer:
 
     bos_id: Optional[int]
     """Beginning-of-sequence id, or None where the tokenizer has none."""
+
+    add_bos: bool
+    """Whether documents start with BOS (what transformers' `tokenizer(text)` and Megatron-LM's
+    Llama tokenizers do for Llama-2/3): the tokenizer has a BOS that is not its EOS (a BOS
+    equal to EOS, as in GPT-2 and SmolLM2, is their document separator, already between
+    documents), and nothing it ships says otherwise: a tokenizer.json's post-processor decides
+    where it has one (BOS only if it puts BOS first, as transformers applies it); else a
+    tokenizer_config.json beside the file with "add_bos_token": false means none; else BOS."""
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -72,6 +81,8 @@ class SentencePieceTokenizer(Tokenizer):
         if self.eos_id < 0:
             raise SatDistError(f"tokenizer {self.path}: the model defines no EOS id; "
                                "retrain it with eos_id set (train_sentencepiece does)")
+        config = _read_config(Path(self.path).with_name("tokenizer_config.json"))
+        self.add_bos = _has_distinct_bos(self) and config.get("add_bos_token") is not False
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -100,13 +111,22 @@ class HFTokenizer(Tokenizer):
             raise SatDistError(f"tokenizer {self.path}: not a readable tokenizer.json "
                                f"({_first_line(e)}); pass a valid tokenizer.json") from None
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
-        named = _special_tokens_from_config(Path(self.path).with_name("tokenizer_config.json"))
+        config = _read_config(Path(self.path).with_name("tokenizer_config.json"))
+        named = _special_tokens(config)
         eos = self._find_id(named.get("eos_token"), _EOS_CANDIDATES)
         if eos is None:
             raise SatDistError(f"tokenizer {self.path}: cannot tell the EOS token; put a "
                                "tokenizer_config.json with \"eos_token\" next to it")
         self.eos_id = eos
         self.bos_id = self._find_id(named.get("bos_token"), _BOS_CANDIDATES)
+        self.add_bos = _has_distinct_bos(self) and self._config_or_post_processor_adds_bos(config)
+
+    def _config_or_post_processor_adds_bos(self, config: dict) -> bool:
+        # transformers (5.x) applies the tokenizer.json's post-processor where there is one,
+        # whatever tokenizer_config.json's add_bos_token says.
+        if self._tok.post_processor is not None:
+            return self._tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+        return config.get("add_bos_token") is not False
 
     def _find_id(self, configured: Optional[str], candidates: tuple[str, ...]) -> Optional[int]:
         for name in ((configured,) if configured else candidates):
@@ -125,6 +145,20 @@ class HFTokenizer(Tokenizer):
         return self._tok.id_to_token(int(token_id))
 
 
+def document_ids(tok: Tokenizer, text: str, bos: bool = True, eod: bool = True) -> list[int]:
+    """One document's token ids, as the data pipeline stores it: BOS (when `bos` and the
+    tokenizer's `add_bos` say so), the text's ids, EOS (when `eod`). Exactly one BOS starts
+    the document: a text whose ids already start with BOS (a literal "<s>" matched by an HF
+    tokenizer) gets no second one. The one place that lays out a document's ids
+    (tools/preprocess_data.py, the default corpus)."""
+    ids = tok.encode(text)
+    if bos and tok.add_bos and ids[:1] != [tok.bos_id]:
+        ids = [tok.bos_id] + ids
+    if eod:
+        ids.append(tok.eos_id)
+    return ids
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer file; a directory is searched for tokenizer.model, then tokenizer.json.
 
@@ -138,20 +172,37 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 RECORD_SUFFIX = ".tokenizer.json"
 """PREFIX.tokenizer.json, written by tools/preprocess_data.py next to PREFIX.bin/.idx: which
-tokenizer made the dataset (Megatron's format itself does not say)."""
+tokenizer made the dataset and whether its documents start with BOS (Megatron's format
+itself says neither)."""
 
 
-def tokenizer_record(path: str | Path, tok: Optional[Tokenizer] = None) -> dict:
+def tokenizer_record(path: str | Path, tok: Optional[Tokenizer] = None, *, bos: Optional[bool] = None) -> dict:
     """What identifies a tokenizer: the SHA-256 of its vocabulary (every id's entry, in id
     order, and the EOS id), so that a model's tokenizer.model and its tokenizer.json, which
     map text to the same ids, have the same record; plus its file's name and SHA-256. `tok`:
-    the tokenizer `path` holds, when the caller has loaded it already."""
+    the tokenizer `path` holds, when the caller has loaded it already.
+
+    A dataset's record also says how its documents are laid out: `bos` given, the record
+    gets "bos" (true: every document starts with the tokenizer's BOS, "bos_id"; false: none
+    does). Records written before that key existed have none: their datasets have no BOS
+    (tools/preprocess_data.py wrote encode(text) + [EOS]); `record_bos` reads them so."""
     p = tokenizer_file(path)
     tok = tok or load_tokenizer(p)
     vocab = "\n".join(str(tok.piece(i)) for i in range(tok.vocab_size)) + f"\neos={tok.eos_id}"
-    return {"tokenizer": p.name, "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
-            "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id}
+    record = {"tokenizer": p.name, "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+              "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "vocab_size": tok.vocab_size,
+              "eos_id": tok.eos_id}
+    if bos is not None:
+        record["bos"] = bool(bos)
+        if bos:
+            record["bos_id"] = tok.bos_id
+    return record
+
+
+def record_bos(record: dict) -> bool:
+    """Whether the documents of the dataset a record describes start with BOS; a record
+    without "bos" (made before the key existed) means no BOS."""
+    return bool(record.get("bos", False))
 
 
 def write_tokenizer_record(prefix: str | Path, record: dict) -> None:
@@ -169,6 +220,9 @@ def read_tokenizer_record(prefix: str | Path) -> Optional[dict]:
         raise SatDistError(f"{f}: unreadable ({type(e).__name__}); delete it or re-run tools/preprocess_data.py")
     if not isinstance(record, dict) or "vocab_sha256" not in record:
         raise SatDistError(f"{f}: not a tokenizer record (no vocab_sha256); delete it or re-run "
+                           f"tools/preprocess_data.py")
+    if not isinstance(record.get("bos", False), bool):
+        raise SatDistError(f"{f}: \"bos\" is {record['bos']!r}, not true or false; delete it or re-run "
                            f"tools/preprocess_data.py")
     return record
 
@@ -240,13 +294,22 @@ def _sample_lines(text_files: Iterable[str | Path], max_bytes: int) -> list[str]
     return lines
 
 
-def _special_tokens_from_config(path: Path) -> dict[str, str]:
+def _read_config(path: Path) -> dict:
+    """A tokenizer_config.json's content; {} where there is none (or it is unreadable)."""
     if not path.is_file():
         return {}
     try:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _has_distinct_bos(tok: Tokenizer) -> bool:
+    return tok.bos_id is not None and tok.bos_id != tok.eos_id
+
+
+def _special_tokens(cfg: dict) -> dict[str, str]:
     out = {}
     for key in ("eos_token", "bos_token"):
         v = cfg.get(key)
@@ -264,5 +327,5 @@ def _first_line(e: BaseException) -> str:
 
 
 __all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_file",
-           "tokenizer_record", "write_tokenizer_record", "read_tokenizer_record", "RECORD_SUFFIX",
-           "train_sentencepiece"]
+           "document_ids", "tokenizer_record", "record_bos", "write_tokenizer_record", "read_tokenizer_record",
+           "RECORD_SUFFIX", "train_sentencepiece"]

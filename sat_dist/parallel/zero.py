@@ -54,12 +54,35 @@ def set_full_fp32(p: torch.nn.Parameter, value: torch.Tensor) -> None:
     safe_set_full_fp32_param(p, value.to(torch.float32))
 
 
+def relink_moments(optimizer) -> None:
+    """Point every parameter's ZeRO-1/2 fragment at its Adam state as it is now.
+
+    DeepSpeed's ZeRO-1/2 (and bf16) optimizers link each parameter to its slice of Adam's
+    state once, after stepping the FIRST param group, when the other groups have no state
+    yet: the parameters of those groups (here the norms, no weight decay) are then linked to
+    nothing and their moments can be neither read nor written (DeepSpeed 0.19). A no-op under
+    ZeRO-3, whose parameters do not use these links."""
+    inner = _inner(optimizer)
+    lp_groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "bf16_groups", None)
+    hp_flats = getattr(optimizer, "single_partition_of_fp32_groups", None) or \
+        getattr(optimizer, "fp32_groups_flat_partition", None)
+    if not lp_groups or not hp_flats:
+        return
+    for lps, flat in zip(lp_groups, hp_flats):
+        if flat in inner.state:
+            for lp in lps:
+                if getattr(lp, "_hp_mapping", None) is not None:
+                    lp._hp_mapping.set_optim_state_fragment(flat, inner.state[flat])
+
+
 def full_moment(optimizer, p: torch.nn.Parameter, key: str) -> Optional[torch.Tensor]:
     """Adam moment `key` of p, whole; None before the first optimizer step. Collective."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     if adam_step(optimizer) is None:
         return None  # no optimizer step yet: the moments do not exist
+    if hasattr(p, "_hp_mapping"):
+        relink_moments(optimizer)
     full = safe_get_full_optimizer_state(p, key)
     if full is None:
         state = _inner(optimizer).state.get(p, {})
@@ -71,6 +94,8 @@ def set_full_moment(optimizer, p: torch.nn.Parameter, key: str, value: torch.Ten
     """Set Adam moment `key` of p from its whole value (call ensure_adam_state first)."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
+    if hasattr(p, "_hp_mapping"):
+        relink_moments(optimizer)
     if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
         safe_set_full_optimizer_state(p, value.to(torch.float32), key)  # sliced first, as set_full_fp32
     else:

@@ -75,7 +75,7 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
     from sat_dist.model.llama import check_tensor_parallel
     from sat_dist.parallel.state import data_parallel_size, launch_world_size
     from sat_dist.train.arguments import parse_args, run_definition
-    from sat_dist.train.engine import deepspeed_config, zero_stage
+    from sat_dist.train.engine import deepspeed_config
 
     run = parse_args(argv)
     t = run.train
@@ -92,12 +92,6 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
     check_tensor_parallel(model_cfg, tp, run.sat.align_mlp if run.sat.enabled else 1)
     dp = data_parallel_size(launch_world_size(), tp)
     ds = deepspeed_config(t, dp)
-    stage = zero_stage(ds)
-    if (t.save or t.load) and stage != 3:
-        # ZeRO-1/2 link their Adam state to parameters lazily and leave some fragments empty,
-        # so the per-parameter checkpoint cannot be gathered there (seen with DeepSpeed 0.19).
-        raise SatDistError(f"--save/--load need ZeRO stage 3 (configs/ds_zero3.json or ds_zero3_offload.json); "
-                           f"{t.ds_config} uses stage {stage}")
     datasets = None if embedded else open_datasets(t, model_cfg, dp)
     check_save_dir(t.save, t.load)
     definition = run_definition(run, model_cfg)
@@ -205,9 +199,11 @@ def open_datasets(t: TrainConfig, model_cfg: ModelConfig, dp_size: int) -> dict:
 def check_tokenizers(flag: str, prefixes: list[str], run_tok: dict, tokenizer_model: str) -> None:
     """Datasets that record their tokenizer (PREFIX.tokenizer.json, tools/preprocess_data.py)
     must all have been made with --tokenizer-model; a blend of datasets made with different
-    tokenizers is named as such. Datasets without a record are checked by their token ids."""
+    tokenizers is named as such, and so is one that mixes datasets whose documents start with
+    BOS and datasets whose documents do not (a record without "bos" means no BOS). Datasets
+    without a record are checked by their token ids only."""
     from sat_dist.data.blend import dataset_key
-    from sat_dist.data.tokenizer import read_tokenizer_record
+    from sat_dist.data.tokenizer import read_tokenizer_record, record_bos
 
     records = {p: read_tokenizer_record(dataset_key(p)) for p in prefixes}
     made = {p: r for p, r in records.items() if r is not None}
@@ -221,6 +217,13 @@ def check_tokenizers(flag: str, prefixes: list[str], run_tok: dict, tokenizer_mo
             raise SatDistError(f"{flag} {p}: made with tokenizer {r.get('tokenizer', '?')} (vocabulary "
                                f"{r['vocab_sha256'][:12]}), not --tokenizer-model {tokenizer_model} (vocabulary "
                                f"{run_tok['vocab_sha256'][:12]}); {fix}, or pass the tokenizer it was made with")
+    with_bos = [p for p, r in made.items() if record_bos(r)]
+    without_bos = [p for p, r in made.items() if not record_bos(r)]
+    if with_bos and without_bos:
+        raise SatDistError(f"{flag}: the blend mixes datasets whose documents start with BOS ({', '.join(with_bos)}) "
+                           f"and datasets whose documents do not ({', '.join(without_bos)}), as their "
+                           f"PREFIX.tokenizer.json records say; re-run tools/preprocess_data.py for one of them "
+                           f"(it adds BOS by default, --no-bos leaves it out) so that all agree")
 
 
 def _run(argv) -> int:
