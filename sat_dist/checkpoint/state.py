@@ -15,10 +15,10 @@ A checkpoint directory:
 The state is stored per parameter in the model's own layout rather than as DeepSpeed's flat
 ZeRO partitions, so a checkpoint resumes at any TP x DP layout (sat_dist.checkpoint.reshard)
 and exports to Hugging Face at any TP size. Every DP rank writes a share of the parameters
-(the writes are parallel), but each parameter and its moments are gathered whole on every DP
-rank of its partition first: a save moves about 12 bytes per parameter into each rank, which
-at 7B and beyond is slower than DeepSpeed's own partitioned files (a known cost; a
-gather-to-owner would remove it).
+(the writes are parallel). Under ZeRO-3 each parameter and its moments are gathered onto
+their owner only: 12 bytes per parameter reach the rank that writes them, and nothing the
+others (ZeRO-1/2, whose flat partitions do not follow parameters, assemble them on every
+rank).
 
 This module is the file format (names, manifest, atomic writes, checks); what it stores is
 read from and written to DeepSpeed through sat_dist.parallel.zero, and re-partitioned for
@@ -117,8 +117,8 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
     for i, (name, p) in enumerate(zero.unique_params(model)):
         owner = i % comm.dp_size
         owners[name] = owner
-        entry = zero.gather_param_state(engine.optimizer, p, stage3)  # collectives: every DP rank takes part
-        if owner == comm.dp_rank:
+        entry = zero.gather_param_state(engine.optimizer, p, stage3, owner, comm)  # collective over DP
+        if entry is not None:  # this rank owns the parameter
             mine[name] = {k: (v.detach().float().cpu().clone() if v is not None else None) for k, v in entry.items()}
     _atomic_torch_save({"tensors": mine, "rng": _rng_state()},
                        d / tag / state_file(comm.tp_rank, comm.dp_rank))

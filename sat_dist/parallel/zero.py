@@ -195,13 +195,38 @@ def init_fp32_masters(model: torch.nn.Module, local: Optional[dict[str, torch.Te
         set_full_fp32(p, value)
 
 
-def gather_param_state(optimizer, p: torch.nn.Parameter, stage3: bool) -> dict[str, Optional[torch.Tensor]]:
-    """{"param": fp32 master, each of MOMENTS: Adam moment or None}, whole (TP-local, gathered
-    over DP). Collective: every DP rank calls it for every parameter, in the same order."""
-    state = {"param": full_fp32(p, stage3)}
+def gather_param_state(optimizer, p: torch.nn.Parameter, stage3: bool, owner: int,
+                       comm: ParallelComm) -> Optional[dict[str, Optional[torch.Tensor]]]:
+    """{"param": fp32 master, each of MOMENTS: Adam moment or None}, whole (TP-local), on DP
+    rank `owner` only (None on the others). Collective: every DP rank calls it for every
+    parameter, in the same order. Under ZeRO-3 each rank sends its partition to the owner (a
+    gather: 12 bytes per parameter reach the owner, none the others); ZeRO-1/2 partitions do
+    not follow parameter boundaries, so there DeepSpeed's all-reduce assembles them."""
+    if not (stage3 and hasattr(p, "ds_id") and comm.dp_size > 1):
+        state = {"param": full_fp32(p, stage3)}
+        for key in MOMENTS:
+            state[key] = full_moment(optimizer, p, key)
+        return state if comm.dp_rank == owner else None
+    state = {"param": _gather_z3(p, None, owner, comm)}
+    stepped = adam_step(optimizer) is not None
     for key in MOMENTS:
-        state[key] = full_moment(optimizer, p, key)
-    return state
+        state[key] = _gather_z3(p, key, owner, comm) if stepped else None
+    return state if comm.dp_rank == owner else None
+
+
+def _gather_z3(p: torch.nn.Parameter, key: Optional[str], owner: int, comm: ParallelComm) -> Optional[torch.Tensor]:
+    """ZeRO-3: p's fp32 master (key None) or Adam moment `key`, whole on DP rank `owner`.
+    Rank r of the DP group holds elements [r * n, (r + 1) * n) of the flattened, padded value."""
+    import torch.distributed as dist
+
+    part, _ = p._z3_optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=True, optim_state_key=key)
+    part = part.to(p.ds_tensor.device).contiguous()  # an offloaded (CPU) partition goes via the device
+    mine = comm.dp_rank == owner
+    parts = [torch.empty_like(part) for _ in range(comm.dp_size)] if mine else None
+    dist.gather(part, parts, dst=dist.get_global_rank(comm.dp_group, owner), group=comm.dp_group)
+    if not mine:
+        return None
+    return torch.cat(parts)[:p.ds_numel].reshape(p.ds_shape)
 
 
 def write_param_state(optimizer, p: torch.nn.Parameter, name: str, state: dict[str, torch.Tensor],
