@@ -358,6 +358,9 @@ class TrainConfig:
     validation set); each is read whole and logged as `lm loss validation/NAME`."""
     tokenizer_model: Optional[str] = None
     """SentencePiece tokenizer.model or HF tokenizer.json (its EOS separates documents)."""
+    data_cache_path: Optional[str] = None
+    """Where a dataset made without PREFIX.doclast.npz gets it, once (Megatron's flag name);
+    default: beside the dataset. For dataset directories that are read-only."""
     load: Optional[str] = None
     """Checkpoint directory to resume from (its `latest`)."""
     save: Optional[str] = None

@@ -148,3 +148,18 @@ def test_bin_rewritten_with_the_same_lengths_is_caught(tmp_path):
     (tmp_path / "ds.doclast.npz").write_bytes(index)
     with pytest.raises(SatDistError, match="disagree"):
         TokenStream(IndexedDatasetReader(prefix), EOS)
+
+
+def test_data_cache_path_flag_through_the_launcher(corpus, tmp_path):
+    import shutil
+
+    from tests.launchers import _flags, torchrun
+
+    src = corpus["data"]
+    for suffix in (".bin", ".idx", ".tokenizer.json"):
+        if os.path.exists(src + suffix):
+            shutil.copy(src + suffix, tmp_path / ("ds" + suffix))
+    cache = tmp_path / "cache"
+    torchrun(1, _flags(corpus, **{"data-path": tmp_path / "ds", "data-cache-path": cache, "train-iters": 1}))
+    assert len(list(cache.glob("ds-*.doclast.npz"))) == 1
+    assert not (tmp_path / "ds.doclast.npz").exists()

@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--recompute-activations", action="store_true", default=t.recompute_activations)
     a("--data-path", nargs="+", default=t.data_path, metavar="[WEIGHT] PREFIX")
     a("--split", default=t.split)
+    a("--data-cache-path", default=t.data_cache_path)
     a("--train-data-path", nargs="+", default=t.train_data_path, metavar="[WEIGHT] PREFIX")
     a("--test-data-path", nargs="+", default=t.test_data_path, metavar="[WEIGHT] PREFIX")
     a("--valid-data-path", nargs="+", default=t.valid_data_path, metavar="NAME=PREFIX")

@@ -161,12 +161,12 @@ def open_datasets(t: TrainConfig, model_cfg: ModelConfig, dp_size: int) -> dict:
             try:
                 if split is not None:
                     opened = build_packed_datasets(prefix, t.seq_length, tok.eos_id, t.seed, split,
-                                                   vocab_size=model_cfg.vocab_size)
+                                                   vocab_size=model_cfg.vocab_size, cache_dir=t.data_cache_path)
                 else:
                     name = "train" if flag == "--train-data-path" else "test"
                     opened = {name: build_whole_dataset(prefix, t.seq_length, tok.eos_id, t.seed,
                                                         model_cfg.vocab_size, name, SPLIT_NAMES.index(name),
-                                                        scan_ids=name != "train")}
+                                                        scan_ids=name != "train", cache_dir=t.data_cache_path)}
             except SatDistError as e:
                 raise SatDistError(f"{flag} {prefix}: {e}" if len(blend) > 1 else str(e)) from None
             for name, ds in opened.items():
@@ -184,7 +184,8 @@ def open_datasets(t: TrainConfig, model_cfg: ModelConfig, dp_size: int) -> dict:
         entry = prefix if key == "valid" else f"{key[len('valid/'):]}={prefix}"
         try:
             check_tokenizers("--valid-data-path", [prefix], run_tok, t.tokenizer_model)
-            ds = build_whole_dataset(prefix, t.seq_length, tok.eos_id, t.seed, model_cfg.vocab_size, key)
+            ds = build_whole_dataset(prefix, t.seq_length, tok.eos_id, t.seed, model_cfg.vocab_size, key,
+                                     cache_dir=t.data_cache_path)
         except SatDistError as e:
             raise SatDistError(f"--valid-data-path {entry}: {e}") from None
         if len(ds) < t.micro_batch_size * dp_size:
