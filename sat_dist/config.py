@@ -367,6 +367,10 @@ class TrainConfig:
     """Checkpoint directory to save to."""
     save_interval: int = 0
     """Save every this many steps (0: only at the end)."""
+    keep_latest_k: int = 0
+    """Keep only this many complete checkpoints in --save, the newest ones (always the one
+    `latest` names), deleting older ones after each save (0: keep all). Not part of the run
+    definition: it may change on resume."""
     eval_interval: int = 0
     """Validate every this many steps (0: only at the end)."""
     eval_iters: int = 4
@@ -418,6 +422,9 @@ class TrainConfig:
             positive(name, getattr(self, name))
         for name in ("lr_warmup_iters", "save_interval", "eval_interval", "exit_interval"):
             positive(name, getattr(self, name), zero_ok=True)
+        if self.keep_latest_k is None or self.keep_latest_k < 0:
+            raise SatDistError(f"--keep-latest-k: got {self.keep_latest_k}; allowed: an integer >= 0 (the number of "
+                               f"complete checkpoints to keep; 0 keeps them all)")
         if self.global_batch_size is not None:
             positive("global_batch_size", self.global_batch_size)
         if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):

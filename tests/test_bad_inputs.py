@@ -28,6 +28,7 @@ def ws(corpus, reference_run, hf_init, tmp_path_factory):
         shutil.copy(str(data) + suffix, w / f"good{suffix}")
         shutil.copy(str(data) + suffix, w / f"truncated{suffix}")
         shutil.copy(str(data) + suffix, w / f"float{suffix}")
+    shutil.copy(str(data) + ".doclast.npz", w / "good.doclast.npz")  # its document index (sat_dist.data.doc_ends)
     with open(w / "truncated.bin", "r+b") as f:
         f.truncate(1000)
     idx = bytearray((w / "float.idx").read_bytes())
@@ -122,6 +123,7 @@ CASES = [
      "nothing for --sat-compensation mean to make up"),
     ("zero collective timeout", {"distributed-timeout-minutes": 0}, "--distributed-timeout-minutes: got 0"),
     ("negative peak", {"peak-tflops": -5}, "--peak-tflops: got -5.0; allowed: a finite number > 0"),
+    ("negative retention", {"keep-latest-k": -1}, "--keep-latest-k: got -1; allowed: an integer >= 0"),
     # --config files
     ("yaml syntax", {"config": "{ws}/bad.yaml"}, "not valid YAML"),
     ("json syntax", {"config": "{ws}/bad.json"}, "not valid JSON"),

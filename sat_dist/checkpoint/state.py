@@ -2,6 +2,7 @@
 
 A checkpoint directory:
   latest                   the tag resume picks; replaced atomically, after everything else
+  .deleting-iter_0000020/  an old checkpoint being removed (--keep-latest-k); never resumed
   iter_0000040/
     state_tp00_dp000.pt ..   each rank's share of its TP partition's full (DP-gathered) fp32
                              weights and Adam moments, by parameter name, plus its RNG state
@@ -32,7 +33,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ from sat_dist.parallel.zero import MOMENTS
 
 MANIFEST = "sat_dist.json"
 LATEST = "latest"
+DELETING = ".deleting-"  # prefix of a checkpoint being removed by prune_checkpoints
 FORMAT = 1
 # A state file: {"tensors": {parameter name: {"param": fp32 weight, "exp_avg": Adam moment or
 # None, "exp_avg_sq": ...}}, "rng": {...}}; the tensors are TP-local and whole over DP.
@@ -98,11 +100,14 @@ def check_save_dir(save: Optional[str], load: Optional[str]) -> None:
 
 def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_samples: int,
                     comm: ParallelComm, model_cfg: ModelConfig, stage3: bool, definition: dict,
-                    extra: Optional[dict] = None) -> Path:
+                    extra: Optional[dict] = None, keep_latest_k: int = 0,
+                    log: Callable[[str], None] = print) -> Path:
     """Collective over all ranks. `definition`: the run definition (the settings a resume
     must share, sat_dist.train.arguments.run_definition), checked by check_resume. `extra`:
     more manifest entries from the training loop (JSON values; e.g. the data position of
-    every dataset of a blend, the first iteration of the current stage)."""
+    every dataset of a blend, the first iteration of the current stage). `keep_latest_k` > 0:
+    once `latest` names the new checkpoint, rank 0 removes older complete ones beyond that
+    many (prune_checkpoints), logging each through `log`."""
     d = Path(ckpt_dir)
     tag = tag_of(iteration)
     rank = dist.get_rank()
@@ -142,8 +147,56 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
         }
         _atomic_write(d / tag / MANIFEST, json.dumps(manifest, indent=2, default=_json_default) + "\n")
         _atomic_write(d / LATEST, tag + "\n")
+        if keep_latest_k > 0:
+            try:
+                for old in prune_checkpoints(d, keep_latest_k):
+                    log(f"removed checkpoint {old} from {d} (--keep-latest-k {keep_latest_k})")
+            except SatDistError as e:  # this save is complete; the next one tries again
+                log(f"warning: {e}")
     dist.barrier()
     return d / tag
+
+
+def _iteration_of(name: str) -> Optional[int]:
+    head, _, num = name.partition("_")
+    return int(num) if head == "iter" and num.isdigit() else None
+
+
+def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
+    """Remove the oldest complete checkpoints (iter_* directories with a manifest) of
+    `ckpt_dir` so that at most `keep` remain: the one `latest` names, whatever its iteration
+    (after a roll-back it may not be the newest), and the newest others by iteration. The
+    tags removed, oldest first. Files only (no collectives): rank 0 calls it after a save.
+
+    Safe against a kill anywhere: a checkpoint is first renamed (atomically) to
+    .deleting-iter_*, which resume never reads, then deleted; such leftovers are removed at
+    the start of the next call. Incomplete iter_* directories are neither counted nor
+    touched (the next save of that iteration replaces them); without a `latest` file
+    nothing is removed."""
+    if keep < 1:
+        raise SatDistError(f"--keep-latest-k: got {keep}; allowed: an integer >= 1 here (0 keeps every checkpoint)")
+    d = Path(ckpt_dir)
+    try:
+        for p in d.glob(DELETING + "*"):
+            if p.is_dir():
+                shutil.rmtree(p)
+        latest = (d / LATEST).read_text().strip() if (d / LATEST).is_file() else None
+        if latest is None:
+            return []
+        complete = sorted((it, p.name) for p in d.iterdir()
+                          if (it := _iteration_of(p.name)) is not None and (p / MANIFEST).is_file())
+        others = [tag for _, tag in complete if tag != latest]
+        keep_others = keep - 1 if any(tag == latest for _, tag in complete) else keep
+        doomed = others[:max(len(others) - keep_others, 0)]
+        for tag in doomed:
+            hidden = d / (DELETING + tag)
+            os.rename(d / tag, hidden)  # from here on it is not a checkpoint
+            fault_point("kill-during-prune", _iteration_of(tag))
+            shutil.rmtree(hidden)
+    except OSError as e:
+        raise SatDistError(f"--keep-latest-k: could not remove old checkpoints in {d} "
+                           f"({e.strerror or e}); the next save tries again")
+    return doomed
 
 
 # What a run definition held before a key joined it: the value those runs effectively had.

@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--finetune", action="store_true", default=t.finetune)
     a("--save", default=t.save)
     a("--save-interval", type=int, default=t.save_interval)
+    a("--keep-latest-k", type=int, default=t.keep_latest_k)
     a("--eval-interval", type=int, default=t.eval_interval)
     a("--eval-iters", type=int, default=t.eval_iters)
     a("--tensorboard-dir", default=t.tensorboard_dir)

@@ -457,7 +457,8 @@ class Trainer:
         t0 = time.perf_counter()
         save_checkpoint(self.eng.engine, self.eng.model, self.t.save, p.iteration, p.consumed_samples,
                         self.comm, self.model_cfg, self.eng.stage3, self.definition,
-                        extra={**self._manifest_extra(), "stage_start_iteration": self.stage_start})
+                        extra={**self._manifest_extra(), "stage_start_iteration": self.stage_start},
+                        keep_latest_k=self.t.keep_latest_k, log=self.log)
         self._saved_at = p.iteration
         if self.rank0:
             self.log(f"saved checkpoint at iteration {p.iteration} to {self.t.save} ({time.perf_counter() - t0:.1f} s)")
