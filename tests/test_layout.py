@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from sat_dist.checkpoint.reshard import reshard_local, to_full, to_local
+from sat_dist.checkpoint.reshard import reshard_local, reshard_local_from, to_full, to_local
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
 from sat_dist.model import layout
@@ -107,3 +107,27 @@ def test_a_split_through_a_unit_is_an_error():
     qkv = torch.randn(GQA.num_query_groups * (GQA.heads_per_group + 2) * GQA.head_dim, GQA.hidden_size)
     with pytest.raises(SatDistError, match="layers.0.self_attention.qkv_weight: .* whole units of 16 rows"):
         to_local("layers.0.self_attention.qkv_weight", qkv, GQA, 8, 0)  # 4 KV groups over 8 ranks
+
+
+def test_resharding_reads_only_the_overlapping_old_shards():
+    """reshard_local_from gives to_local's tensor and touches only the old shards that hold
+    some of the new shard's rows; which ones those are is found independently, by sharding
+    a tensor of row numbers."""
+    g = torch.Generator().manual_seed(1)
+    for name, p in _model(GQA).named_parameters():
+        lay = layout_of(name)
+        n = GQA.vocab_size if lay.vocab_padded else p.shape[0]
+        t = torch.randn(n, *p.shape[1:], generator=g)
+        ids = torch.arange(1, n + 1, dtype=torch.float64)  # row number + 1; padding is 0
+        for old_tp in (1, 2, 4):
+            shards = [to_local(name, t, GQA, old_tp, r) for r in range(old_tp)]
+            id_shards = [set(to_local(name, ids, GQA, old_tp, r).tolist()) - {0.0} for r in range(old_tp)]
+            for new_tp in (1, 2, 4):
+                for rank in range(new_tp):
+                    touched = []
+                    got = reshard_local_from(name, lambda r: touched.append(r) or shards[r], GQA, old_tp,
+                                             new_tp, rank)
+                    assert torch.equal(got, to_local(name, t, GQA, new_tp, rank)), (name, old_tp, new_tp, rank)
+                    wanted = set(to_local(name, ids, GQA, new_tp, rank).tolist()) - {0.0}
+                    overlap = [r for r in range(old_tp) if id_shards[r] & wanted] if not lay.replicated else [0]
+                    assert sorted(set(touched)) == overlap, (name, old_tp, new_tp, rank, touched)

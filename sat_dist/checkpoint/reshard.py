@@ -10,6 +10,8 @@ and slicing the new ones is exact.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from sat_dist.config import ModelConfig
@@ -69,3 +71,64 @@ def reshard_local(name: str, shards: list[torch.Tensor], cfg: ModelConfig, new_t
                   new_rank: int) -> torch.Tensor:
     """The local tensor of `name` on rank `new_rank` of `new_tp`, from all old TP shards."""
     return to_local(name, to_full(name, shards, cfg), cfg, new_tp, new_rank).clone()
+
+
+def _new_rows(name: str, lay: ParamLayout, cfg: ModelConfig, old_rows: int, old_tp: int,
+              new_tp: int) -> tuple[int, int]:
+    """(true rows per block, new local rows per block) of `name` going from `old_tp` (whose
+    local blocks have `old_rows` rows) to `new_tp`; the same error as to_local for a split
+    through a unit."""
+    if lay.vocab_padded:
+        return cfg.vocab_size, cfg.padded_vocab_size(new_tp) // new_tp
+    n, unit = old_rows * old_tp, lay.unit_rows(cfg)
+    if n % new_tp or (n // new_tp) % unit:
+        raise SatDistError(f"{name}: {n} rows (per block) do not split into {new_tp} tensor-parallel partitions "
+                           f"of whole units of {unit} rows ({lay.rows})")
+    return n, n // new_tp
+
+
+def overlapping_shards(name: str, cfg: ModelConfig, old_tp: int, new_tp: int, new_rank: int) -> list[int]:
+    """The old TP ranks whose shards hold rows of rank `new_rank` of `new_tp`'s local tensor
+    of `name` (vocabulary padding excluded): the only ones resharding needs to read."""
+    lay = layout_of(name)
+    if lay.replicated:
+        return [0]
+    if lay.vocab_padded:
+        lo, ln = cfg.padded_vocab_size(old_tp) // old_tp, cfg.padded_vocab_size(new_tp) // new_tp
+        start, end = new_rank * ln, min((new_rank + 1) * ln, cfg.vocab_size)
+        return list(range(start // lo, (end - 1) // lo + 1)) if end > start else []
+    # Unpadded blocks are split evenly at both sizes: rank k's rows are the fraction
+    # [k/new_tp, (k+1)/new_tp) of each block, old rank r's [r/old_tp, (r+1)/old_tp).
+    first = new_rank * old_tp // new_tp
+    last = -(-(new_rank + 1) * old_tp // new_tp) - 1
+    return list(range(first, last + 1))
+
+
+def reshard_local_from(name: str, shard: Callable[[int], torch.Tensor], cfg: ModelConfig, old_tp: int,
+                       new_tp: int, new_rank: int) -> torch.Tensor:
+    """What reshard_local returns, reading only the old shards that overlap the new one, and
+    of those only the overlapping rows: `shard(r)` gives old rank r's local tensor (e.g.
+    memory-mapped from its state file) and is called for overlapping_shards() only."""
+    lay = layout_of(name)
+    if lay.replicated:
+        return shard(0).clone()
+    dim = lay.partition_dim
+    need = overlapping_shards(name, cfg, old_tp, new_tp, new_rank)
+    tensors = {r: shard(r) for r in need}
+    sample = tensors[need[0]] if need else shard(0)  # none: only padding here (its shape is all we read)
+    lo = sample.shape[dim] // lay.blocks  # old local rows per block
+    true_rows, ln = _new_rows(name, lay, cfg, lo, old_tp, new_tp)
+    start, end = new_rank * ln, (new_rank + 1) * ln
+    parts = []
+    for b in range(lay.blocks):
+        pos = start
+        while pos < min(end, true_rows):
+            r, off = divmod(pos, lo)
+            n = min(lo - off, min(end, true_rows) - pos)
+            parts.append(tensors[r].narrow(dim, b * lo + off, n))
+            pos += n
+        if end > pos:  # vocabulary padding of the new size
+            pad = list(sample.shape)
+            pad[dim] = end - max(pos, start)
+            parts.append(sample.new_zeros(pad))
+    return torch.cat(parts, dim) if len(parts) > 1 else parts[0].clone()

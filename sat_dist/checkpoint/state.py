@@ -16,7 +16,7 @@ A checkpoint directory:
 The state is stored per parameter in the model's own layout rather than as DeepSpeed's flat
 ZeRO partitions, so a checkpoint resumes at any TP x DP layout (sat_dist.checkpoint.reshard)
 and exports to Hugging Face at any TP size. Every DP rank writes a share of the parameters
-(the writes are parallel). Under ZeRO-3 each parameter and its moments are gathered onto
+(balanced by size; the writes are parallel). Under ZeRO-3 each parameter and its moments are gathered onto
 their owner only: 12 bytes per parameter reach the rank that writes them, and nothing the
 others (ZeRO-1/2, whose flat partitions do not follow parameters, assemble them on every
 rank).
@@ -28,7 +28,9 @@ another TP size by sat_dist.checkpoint.reshard.
 
 from __future__ import annotations
 
+import heapq
 import json
+import math
 import os
 import random
 import shutil
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sat_dist.checkpoint.reshard import reshard_local
+from sat_dist.checkpoint.reshard import overlapping_shards, reshard_local_from
 from sat_dist.config import ModelConfig
 from sat_dist.errors import SatDistError
 from sat_dist.faults import fault_point
@@ -118,11 +120,11 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
             shutil.rmtree(partial)  # left by a save that was killed; never resumed from
         partial.mkdir(exist_ok=True)
     dist.barrier()
-    owners, mine = {}, {}
-    for i, (name, p) in enumerate(zero.unique_params(model)):
-        owner = i % comm.dp_size
-        owners[name] = owner
-        entry = zero.gather_param_state(engine.optimizer, p, stage3, owner, comm)  # collective over DP
+    params = list(zero.unique_params(model))
+    owners = balanced_owners({name: math.prod(zero.local_shape(p, stage3)) for name, p in params}, comm.dp_size)
+    mine = {}
+    for name, p in params:
+        entry = zero.gather_param_state(engine.optimizer, p, stage3, owners[name], comm)  # collective over DP
         if entry is not None:  # this rank owns the parameter
             mine[name] = {k: (v.detach().float().cpu().clone() if v is not None else None) for k, v in entry.items()}
     _atomic_torch_save({"tensors": mine, "rng": _rng_state()},
@@ -155,6 +157,21 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
                 log(f"warning: {e}")
     dist.barrier()
     return d / tag
+
+
+def balanced_owners(sizes: dict[str, int], dp_size: int) -> dict[str, int]:
+    """Which DP rank writes each parameter: largest first, each to the rank with the fewest
+    elements so far (ties: the lowest rank), so every rank writes about 1/DP of the bytes
+    even when two embeddings dominate a shallow model. The same on every rank (the sizes are
+    the TP-local shapes, equal over TP ranks); the manifest records it, so a resume reads
+    whatever mapping the save used."""
+    load = [(0, r) for r in range(dp_size)]
+    owners = {}
+    for name in sorted(sizes, key=lambda n: -sizes[n]):  # sorted() is stable: ties keep model order
+        n, r = heapq.heappop(load)
+        owners[name] = r
+        heapq.heappush(load, (n + sizes[name], r))
+    return owners
 
 
 def _iteration_of(name: str) -> Optional[int]:
@@ -335,10 +352,11 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
         if old_tp == comm.tp_size:  # this rank's own TP shard, as stored: no other shard is read
             entry = stored(name, comm.tp_rank)
             local = {k: entry[k] for k in keys if entry.get(k) is not None}
-        else:
-            entries = [stored(name, r) for r in range(old_tp)]
-            local = {k: reshard_local(name, [e[k] for e in entries], model_cfg, comm.tp_size, comm.tp_rank)
-                     for k in keys if entries[0].get(k) is not None}
+        else:  # another TP size: only the old shards that overlap this rank's, and their overlapping rows
+            first = stored(name, (overlapping_shards(name, model_cfg, old_tp, comm.tp_size, comm.tp_rank) or [0])[0])
+            local = {k: reshard_local_from(name, lambda r, k=k: stored(name, r)[k], model_cfg, old_tp,
+                                           comm.tp_size, comm.tp_rank)
+                     for k in keys if first.get(k) is not None}
         zero.write_param_state(engine.optimizer, p, name, local, comm, stage3)
     if load_optim or lr_position is not None:
         # --finetune keeps the fresh engine's counters (iteration 0, nothing consumed, LR step 0)
