@@ -358,6 +358,7 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
                                            comm.tp_size, comm.tp_rank)
                      for k in keys if first.get(k) is not None}
         zero.write_param_state(engine.optimizer, p, name, local, comm, stage3)
+    zero.finish_param_writes(engine.optimizer, stage3)
     if load_optim or lr_position is not None:
         # --finetune keeps the fresh engine's counters (iteration 0, nothing consumed, LR step 0)
         zero.restore_engine_counters(engine, manifest["iteration"], manifest["consumed_samples"],

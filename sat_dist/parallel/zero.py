@@ -233,12 +233,44 @@ def write_param_state(optimizer, p: torch.nn.Parameter, name: str, state: dict[s
                       comm: ParallelComm, stage3: bool) -> None:
     """Write a parameter's whole TP-local weight (into the model and the fp32 master) and its
     Adam moments (those in `state`); the inverse of gather_param_state. Collective."""
-    # Under ZeRO-3 only DP rank 0's value is written (and broadcast): the others need not read it.
-    write_local_weight(p, name, state["param"] if not stage3 or comm.dp_rank == 0 else None, comm, stage3)
+    if _writes_partitions(optimizer, p, stage3):
+        # ZeRO-3: every rank cuts its own partition of the master (and of each moment) from
+        # the memory-mapped value, so it reads 1/DP of it and nothing is communicated; the
+        # model's own partitions follow from the masters in finish_param_writes.
+        if tuple(state["param"].shape) != local_shape(p, stage3):
+            raise SatDistError(f"weights: {name} has shape {tuple(state['param'].shape)}, the model expects "
+                               f"{local_shape(p, stage3)}")
+    else:
+        # Under ZeRO-3 only DP rank 0's value is written (and broadcast): the others need not read it.
+        write_local_weight(p, name, state["param"] if not stage3 or comm.dp_rank == 0 else None, comm, stage3)
     set_full_fp32(p, state["param"])
     for key in MOMENTS:
         if key in state:
             set_full_moment(optimizer, p, key, state[key])
+
+
+def _writes_partitions(optimizer, p: torch.nn.Parameter, stage3: bool) -> bool:
+    """Whether write_param_state can leave the model's ZeRO-3 partitions to finish_param_writes:
+    p is partitioned and DeepSpeed keeps the model's partitions in flat buffers beside the
+    fp32 masters (not when parameters are offloaded to NVMe, where they are swapped instead)."""
+    return (stage3 and hasattr(p, "ds_id") and hasattr(optimizer, "fp32_partitioned_groups_flat")
+            and all(f is not None for f in getattr(optimizer, "fp16_partitioned_groups_flat", [None])))
+
+
+@torch.no_grad()
+def finish_param_writes(optimizer, stage3: bool) -> None:
+    """After write_param_state for every parameter: under ZeRO-3, copy the fp32 masters into
+    the model's partitions (rounding to bf16 where the model is bf16), as DeepSpeed's step
+    does after an update, then let DeepSpeed refresh what it keeps beside them (hpZ's
+    secondary partitions, the whole copies of small persistent parameters). Collective."""
+    if not stage3 or not hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        return
+    if any(f is None for f in getattr(optimizer, "fp16_partitioned_groups_flat", [None])):
+        return  # write_param_state wrote the model's weights itself
+    for lp, hp in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
+        if hp.numel():
+            lp.data.copy_(hp.data)
+    optimizer.checkpoint_event_epilogue()
 
 
 def engine_counters(engine) -> dict:
