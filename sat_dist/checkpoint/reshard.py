@@ -69,8 +69,9 @@ def to_full(name: str, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Te
 
 def reshard_local(name: str, shards: list[torch.Tensor], cfg: ModelConfig, new_tp: int,
                   new_rank: int) -> torch.Tensor:
-    """The local tensor of `name` on rank `new_rank` of `new_tp`, from all old TP shards."""
-    return to_local(name, to_full(name, shards, cfg), cfg, new_tp, new_rank).clone()
+    """The local tensor of `name` on rank `new_rank` of `new_tp`, from all old TP shards
+    (a list; reshard_local_from reads only those it needs)."""
+    return reshard_local_from(name, shards.__getitem__, cfg, len(shards), new_tp, new_rank)
 
 
 def _new_rows(name: str, lay: ParamLayout, cfg: ModelConfig, old_rows: int, old_tp: int,
@@ -106,8 +107,8 @@ def overlapping_shards(name: str, cfg: ModelConfig, old_tp: int, new_tp: int, ne
 
 def reshard_local_from(name: str, shard: Callable[[int], torch.Tensor], cfg: ModelConfig, old_tp: int,
                        new_tp: int, new_rank: int) -> torch.Tensor:
-    """What reshard_local returns, reading only the old shards that overlap the new one, and
-    of those only the overlapping rows: `shard(r)` gives old rank r's local tensor (e.g.
+    """Rank `new_rank` of `new_tp`'s local tensor of `name`, reading only the old shards that
+    overlap it, and of those only the overlapping rows: `shard(r)` gives old rank r's local tensor (e.g.
     memory-mapped from its state file) and is called for overlapping_shards() only."""
     lay = layout_of(name)
     if lay.replicated:
