@@ -30,7 +30,7 @@ from sat_dist.errors import SatDistError, fail_field
 METRICS = ("maxip", "wanda", "magnitude", "random", "activation", "fluctuation")
 COMPENSATIONS = ("none", "mean")
 SPARSE_PASSES = ("both", "backward")
-SELECTIONS = ("sampling", "topk")
+SELECTIONS = ("sampling", "topk", "pps")
 SCHEDULES = ("ladder", "constant", "dense")
 GRANULARITIES = ("step", "micro-batch")
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
@@ -50,8 +50,18 @@ class SATConfig:
     SmolLM2-135M's function best without compensation (docs/EXPERIMENTS.md)."""
 
     selection: str = "topk"
-    """How kept units are chosen from the scores: topk, or sampling (temperature, without
-    replacement; the paper's choice, which lost more quality here)."""
+    """How kept units are chosen from the scores: topk, sampling (temperature, without
+    replacement; the paper's choice, which lost more quality here), or pps (with
+    --sat-sparse-pass backward only: unit i kept with probability pi_i proportional to its
+    score, capped at 1, and its gradient scaled by 1/pi_i, so the sparse backward is an
+    unbiased estimate of the dense gradient; docs/SAT.md)."""
+
+    pps_floor: float = 0.5
+    """pps: the fraction of each unit's inclusion probability spread uniformly, pi = (1 -
+    floor) * (score-proportional) + floor * k/n, in [0, 1]. It bounds the gradient weights
+    1/pi by n / (k * floor): without it a channel of tiny score but sizeable gradient is
+    kept rarely and then weighted hugely, and the gradient's variance swamps it (the value
+    is measured in docs/EXPERIMENTS.md)."""
 
     temperature: float = 0.05
     """Sampling temperature T: p(unit) is proportional to exp(score / max(score) / T)."""
@@ -123,7 +133,7 @@ class SATConfig:
             v = getattr(self, name)
             if not _is_number(v) or not 0.0 <= v < 1.0:
                 raise fail_field(s, name, v, "a number in [0, 1)")
-        for name in ("sparse_fraction", "dense_fraction"):
+        for name in ("sparse_fraction", "dense_fraction", "pps_floor"):
             v = getattr(self, name)
             if not _is_number(v) or not 0.0 <= v <= 1.0:
                 raise fail_field(s, name, v, "a number in [0, 1]")
@@ -144,6 +154,10 @@ class SATConfig:
         if self.sparse_pass == "backward" and self.compensation != "none":
             raise SatDistError(f"--sat-sparse-pass backward runs the dense forward, so there is nothing for "
                                f"--sat-compensation {self.compensation} to make up; use --sat-compensation none")
+        if self.selection == "pps" and self.sparse_pass != "backward":
+            raise SatDistError("--sat-selection pps: its 1/pi gradient weights need the exact forward of "
+                               "--sat-sparse-pass backward; add --sat-sparse-pass backward or use "
+                               "--sat-selection topk")
         return self
 
 

@@ -239,7 +239,8 @@ def test_backward_only_loss_is_dense_and_grads_equal_detached_reference(tp, worl
 @pytest.mark.parametrize("overrides", [
     {"metric": "fluctuation", "compensation": "mean"},
     {"metric": "activation", "sparse_pass": "backward"},
-], ids=["compensation", "backward-only"])
+    {"metric": "activation", "sparse_pass": "backward", "selection": "pps"},
+], ids=["compensation", "backward-only", "backward-only-pps"])
 def test_levers_are_dp_invariant(overrides):
     """DP=2 selects what one process selects on the same global batch, and computes the same
     loss and gradients (scores and means reduced over DP)."""
@@ -247,7 +248,7 @@ def test_levers_are_dp_invariant(overrides):
     hf_sd = _hf_model(cfg).state_dict()
     ids, labels = _batch(cfg)
     rates = (0.0, 0.5)
-    sat = SATConfig(align_mlp=8, token_stride=STRIDE, selection="topk", **overrides).validate()
+    sat = SATConfig(**{"align_mlp": 8, "token_stride": STRIDE, "selection": "topk", **overrides}).validate()
     ref_loss, ref_grads, ref_sel = _single(cfg, hf_sd, ids, labels, sat, None, rates)
     dp2 = run_ranks(2, _worker, 1, cfg, hf_sd, ids, labels, sat, None, rates)
     for r in dp2:

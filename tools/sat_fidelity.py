@@ -21,7 +21,9 @@ a Markdown table of the mean loss per dataset and its increase over dense. --gra
 adds, per dataset, how far the setting's gradient (all parameters, one backward per micro-
 batch) is from the dense gradient on the same batch: its cosine similarity and relative
 error ||g - g_dense|| / ||g_dense||. That is the measure for --sat-sparse-pass backward,
-whose forward (and so its loss increase) is exactly dense's.
+whose forward (and so its loss increase) is exactly dense's. --draws D makes D backwards per
+batch, each selecting afresh, and adds the relative error of their mean: what a random
+selection's error keeps once optimizer steps have averaged its noise (its bias).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from sat_dist.model.llama import LlamaModel  # noqa: E402
 from sat_dist.model.sat_state import SATState  # noqa: E402
 
 KEYS = {"metric": ("metric", str), "selection": ("selection", str), "temperature": ("temperature", float),
+        "floor": ("pps_floor", float),
         "attn": ("omission_attn", float), "mlp": ("omission_mlp", float), "stride": ("token_stride", int),
         "align": ("align_mlp", int), "comp": ("compensation", str), "pass": ("sparse_pass", str)}
 
@@ -100,14 +103,22 @@ def gradient(model: LlamaModel, state: SATState, cfg: SATConfig | None, step: in
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def gradient_distance(model: LlamaModel, state: SATState, cfg: SATConfig, data, dense_grads) -> tuple[float, float]:
-    """(mean cosine similarity, mean relative error) of the setting's gradients against dense's."""
-    cos, rel = [], []
+def gradient_distance(model: LlamaModel, state: SATState, cfg: SATConfig, data, dense_grads,
+                      draws: int = 1) -> tuple[float, float, float]:
+    """(mean cosine similarity, mean relative error, mean relative error of the mean of
+    `draws` gradients) of the setting's gradients against dense's. Each draw selects afresh
+    (another step's generator): for a deterministic selection the last equals the second; for
+    an unbiased one (pps) it falls like 1/sqrt(draws), what is left being the bias."""
+    cos, rel, rel_mean = [], [], []
     for step, ((ids, labels), g_dense) in enumerate(zip(data, dense_grads)):
-        g = gradient(model, state, cfg, step, ids, labels)
-        cos.append(float(torch.nn.functional.cosine_similarity(g, g_dense, dim=0)))
-        rel.append(float((g - g_dense).norm() / g_dense.norm()))
-    return sum(cos) / len(cos), sum(rel) / len(rel)
+        total = None
+        for d in range(draws):
+            g = gradient(model, state, cfg, step * draws + d, ids, labels)
+            cos.append(float(torch.nn.functional.cosine_similarity(g, g_dense, dim=0)))
+            rel.append(float((g - g_dense).norm() / g_dense.norm()))
+            total = g if total is None else total + g
+        rel_mean.append(float((total / draws - g_dense).norm() / g_dense.norm()))
+    return sum(cos) / len(cos), sum(rel) / len(rel), sum(rel_mean) / len(rel_mean)
 
 
 def main(argv=None) -> int:
@@ -121,8 +132,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--gradients", action="store_true",
                    help="also compare each setting's gradient with the dense gradient (one backward per batch)")
+    p.add_argument("--draws", type=int, default=1,
+                   help="with --gradients: backwards per batch, each selecting afresh; adds the relative "
+                        "error of their mean (the bias, once the draws average the noise out)")
     a = p.parse_args(argv)
     try:
+        if a.draws < 1:
+            raise SatDistError(f"--draws: got {a.draws}; allowed: an integer >= 1")
         settings = [(s, parse_setting(s)) for s in a.setting]
         sets = {}
         for entry in a.data:
@@ -147,14 +163,19 @@ def main(argv=None) -> int:
         dense_grads = {n: [gradient(model, state, None, i, ids, lab) for i, (ids, lab) in enumerate(data)]
                        for n, data in sets.items()}
         head += [f"{n} gradient cosine, rel. error" for n in sets]
+        if a.draws > 1:
+            head += [f"{n} rel. error of the mean of {a.draws}" for n in sets]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
     for text, cfg in settings:
         sparse = {name: mean_loss(model, state, cfg, data) for name, data in sets.items()}
         row = [text] + [f"{sparse[n]:.6f}" for n in sets] + [f"{sparse[n] - dense[n]:+.4f}" for n in sets]
         if a.gradients:
+            means = []
             for n, data in sets.items():
-                c, r = gradient_distance(model, state, cfg, data, dense_grads[n])
+                c, r, rm = gradient_distance(model, state, cfg, data, dense_grads[n], a.draws)
                 row.append(f"{c:.4f}, {r:.3f}")
+                means.append(f"{rm:.3f}")
+            row += means if a.draws > 1 else []
         print("| " + " | ".join(row) + " |", flush=True)
     return 0
 

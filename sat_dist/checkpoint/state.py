@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from sat_dist.checkpoint.reshard import overlapping_shards, reshard_local_from
-from sat_dist.config import ModelConfig
+from sat_dist.config import ModelConfig, SATConfig
 from sat_dist.errors import SatDistError
 from sat_dist.faults import fault_point
 from sat_dist.model.comm import ParallelComm
@@ -223,7 +223,9 @@ def prune_checkpoints(ckpt_dir: str | Path, keep: int) -> list[str]:
 _BACKFILL = {"sat-granularity": lambda d: "micro-batch", "sat-compensation": lambda d: "none",
              "sat-sparse-pass": lambda d: "both", "lr-warmup-init": lambda d: 0.0,
              "lr-decay-iters": lambda d: d.get("train-iters"), "lr-wsd-decay-iters": lambda d: None,
-             "lr-wsd-decay-style": lambda d: None, "rope_scaling": lambda d: None}
+             "lr-wsd-decay-style": lambda d: None, "rope_scaling": lambda d: None,
+             # only --sat-selection pps reads it, which older checkpoints could not run
+             "sat-pps-floor": lambda d: SATConfig.pps_floor}
 
 OVERRIDE_FLAG = "--override-opt_param-scheduler"
 

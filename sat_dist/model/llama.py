@@ -187,11 +187,13 @@ class SATMLP(nn.Module):
         # The selection is made inside the dense forward, from its own activations (no
         # extra products); the backward runs over the kept channels only.
         def select(a: torch.Tensor):  # a [b, s, f]: this partition's channel activations
-            return self.sat.kept_units(
+            kept = self.sat.kept_units(
                 self.layer, "mlp", self.f, x.device,
                 lambda gen, stride: mlp_scores(
                     self.sat.cfg.metric, x, self.fc1_weight, self.fc2_weight,
                     self.comm.reduce_over_dp, gen, stride, activations=a))
+            weights = None if kept is None else self.sat.selection_weights(self.layer, "mlp")
+            return kept, weights
         x = self.comm.copy_to_tp(x)
         y = backward_sparse_mlp(x, self.fc1_weight, self.fc2_weight, select)  # [b, s, h] partial over TP
         return self.comm.reduce_from_tp(y)

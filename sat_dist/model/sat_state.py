@@ -18,7 +18,7 @@ import torch
 
 from sat_dist.config import SATConfig
 from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
-from sat_dist.sat.selection import keep_count, select_units, selection_generator
+from sat_dist.sat.selection import keep_count, pps_units, select_units, selection_generator
 
 KINDS = ("attn", "mlp")
 ScoresOut = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -38,7 +38,8 @@ class SATState:
         self.kept: dict[tuple[int, str], tuple[int, int]] = {}
         # (layer, kind) -> local indices kept at the last forward (None: all)
         self.selected: dict[tuple[int, str], Optional[torch.Tensor]] = {}
-        # (layer, kind) -> (selection key, kept indices, mean activations or None)
+        # (layer, kind) -> (selection key, kept indices, mean activations or None,
+        #                  Horvitz-Thompson weights 1/pi of the kept units or None)
         self._made: dict[tuple[int, str], tuple] = {}
 
     def set_step(self, step: int, micro: int = 0, attn: float = 0.0, mlp: float = 0.0) -> None:
@@ -76,8 +77,12 @@ class SATState:
             gen = selection_generator(self.cfg.seed, self.step, micro, layer, self.comm.tp_rank, kind, device)
             scores = scores_fn(gen, self.cfg.token_stride)
             scores, mean = scores if isinstance(scores, tuple) else (scores, None)
-            idx = select_units(scores, k, self.cfg.selection, self.cfg.temperature, gen)
-            made = self._made[(layer, kind)] = (key, idx, mean)
+            weights = None
+            if self.cfg.selection == "pps":
+                idx, weights = pps_units(scores, k, gen, self.cfg.pps_floor)
+            else:
+                idx = select_units(scores, k, self.cfg.selection, self.cfg.temperature, gen)
+            made = self._made[(layer, kind)] = (key, idx, mean, weights)
         return self._record(layer, kind, made[1], k, n_local)
 
     def selection_mean(self, layer: int, kind: str) -> Optional[torch.Tensor]:
@@ -85,6 +90,12 @@ class SATState:
         (None if its scores_fn gave none, or the units were forced)."""
         made = self._made.get((layer, kind))
         return None if made is None else made[2]
+
+    def selection_weights(self, layer: int, kind: str) -> Optional[torch.Tensor]:
+        """The weights 1/pi [k] of the current kept units of (layer, kind) under --sat-selection
+        pps, in the order of the kept indices (None for other selections, or forced units)."""
+        made = self._made.get((layer, kind))
+        return None if made is None else made[3]
 
     @property
     def compensate_mlp(self) -> bool:

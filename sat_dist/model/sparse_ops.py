@@ -96,7 +96,12 @@ class _DenseForwardSparseBackwardMLP(torch.autograd.Function):
       da_K = dy W_down[:, K]          dW_down[:, K] = a_K^T dy   (other columns: 0)
       dg_K, du_K from da_K             dW_gate/up[K] = d[g|u]_K^T x (other rows: 0)
       dx = dg_K W_gate[K] + du_K W_up[K]   (the omitted channels' share of dx is dropped)
-    i.e. the gradient of y_K(x) + stop_gradient(y_O(x)). Backward FLOPs: (k/n) of dense."""
+    i.e. the gradient of y_K(x) + stop_gradient(y_O(x)). Backward FLOPs: (k/n) of dense.
+
+    With weights w [k] (--sat-selection pps: w_j = 1/pi_j), kept channel j's da_j is scaled by
+    w_j, i.e. the gradient of sum_K w_j y_j(x) + stop_gradient(...): every gradient is then a
+    Horvitz-Thompson estimate of dense's, unbiased over the draw of K. The forward is exact,
+    so the backward is linear in dy and the whole network's gradient stays unbiased."""
 
     @staticmethod
     def forward(ctx, x, fc1, fc2, select):
@@ -105,17 +110,17 @@ class _DenseForwardSparseBackwardMLP(torch.autograd.Function):
         gate, up = h1.chunk(2, dim=-1)
         a = torch.nn.functional.silu(gate) * up  # [b, s, f]
         y = torch.matmul(a, fc2)  # [b, s, h]
-        kept = select(a)  # [k] local channel indices, or None: dense backward
+        kept, weights = select(a)  # [k] local channel indices (None: dense backward), [k] or None
         if kept is None:
             kept = torch.arange(f, device=x.device)
         # Only the kept channels' pre-activations are kept for backward: (k/f) of dense's.
         both = torch.cat((kept, kept + f))
-        ctx.save_for_backward(x, fc1, fc2, both, h1.index_select(-1, both))
+        ctx.save_for_backward(x, fc1, fc2, both, h1.index_select(-1, both), weights)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, fc1, fc2, both, h1_kept = ctx.saved_tensors
+        x, fc1, fc2, both, h1_kept, weights = ctx.saved_tensors
         k = both.numel() // 2
         kept = both[:k]
         g, u = h1_kept.reshape(-1, 2 * k).chunk(2, dim=-1)  # [T, k] each
@@ -123,8 +128,12 @@ class _DenseForwardSparseBackwardMLP(torch.autograd.Function):
         dy = grad_y.reshape(-1, grad_y.shape[-1])  # [T, h]
         sig = torch.sigmoid(g)
         silu_g = g * sig
+        a = silu_g * u  # [T, k]
         da = dy @ fc2.index_select(0, kept).t()  # [T, k]
-        grad_fc2 = _weight_grad((silu_g * u).t(), dy, kept, 1, fc2.shape)
+        if weights is not None:  # Horvitz-Thompson: channel j's share of every gradient times 1/pi_j
+            w = weights.to(da.dtype)
+            da, a = da * w, a * w
+        grad_fc2 = _weight_grad(a.t(), dy, kept, 1, fc2.shape)
         dh = torch.cat((da * u * (sig * (1 + g * (1 - sig))), da * silu_g), dim=-1)  # [T, 2k]: d gate, d up
         grad_x = (dh @ fc1.index_select(0, both)).view_as(x)
         grad_fc1 = _weight_grad(dh.t(), x2, both, 1, fc1.shape)
@@ -134,6 +143,7 @@ class _DenseForwardSparseBackwardMLP(torch.autograd.Function):
 def backward_sparse_mlp(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, select) -> torch.Tensor:
     """The SwiGLU MLP with a dense forward and a backward over kept channels only
     (--sat-sparse-pass backward). x [b, s, h]; fc1 [2f, h] (gate rows, then up rows); fc2
-    [f, h] = W_down^T; select(a [b, s, f]) -> kept channel indices [k] (unique), or None to
-    run the backward dense. Omitted channels get exactly zero gradient."""
+    [f, h] = W_down^T; select(a [b, s, f]) -> (kept channel indices [k] (unique), or None to
+    run the backward dense; per-channel gradient weights [k], or None for 1). Omitted
+    channels get exactly zero gradient."""
     return _DenseForwardSparseBackwardMLP.apply(x, fc1, fc2, select)

@@ -1,4 +1,5 @@
-"""Which units a layer keeps this step: keep counts, top-k and temperature sampling."""
+"""Which units a layer keeps this step: keep counts, top-k, temperature sampling, and
+probability-proportional-to-size sampling with Horvitz-Thompson weights."""
 
 from __future__ import annotations
 
@@ -116,3 +117,67 @@ def select_units(scores: torch.Tensor, k: int, method: str, temperature: float,
     else:
         raise ValueError(f"unknown selection method {method!r}")
     return torch.topk(keys, k, sorted=False).indices.sort().values
+
+
+def inclusion_probabilities(scores: torch.Tensor, k: int, floor: float = 0.0) -> torch.Tensor:
+    """pi [n] (float64, each in (0, 1], summing to k): (1 - floor) * min(1, c * s_i) + floor * k/n.
+
+    c is chosen so that the first term sums to k ("water filling": units whose share would
+    pass 1 are capped at 1 and the rest of the budget is spread over the others in proportion
+    to their scores). The mix with the uniform k/n is again a set of inclusion probabilities
+    summing to k, and it bounds every unit's Horvitz-Thompson weight 1/pi by n / (k * floor):
+    the score proxies a channel's forward contribution, not its gradient, and a channel of
+    tiny score can still have a sizeable gradient, which 1/pi would blow up.
+
+    Every unit gets pi > 0 even at floor 0, as an unbiased estimator needs: scores are floored
+    at 1e-6 of their mean (all-zero scores give pi = k/n for all).
+    """
+    n = scores.numel()
+    s = scores.double().clamp_min(0.0)
+    s = torch.where(s.amax() > 0, s, torch.ones_like(s))  # all zero: uniform
+    s = torch.maximum(s, 1e-6 * s.mean())
+    desc, order = torch.sort(s, descending=True)
+    # With the m largest capped, c_m = (k - m) / sum of the other scores; the right m is the
+    # smallest for which the largest uncapped unit stays within 1: c_m * desc[m] <= 1.
+    m = torch.arange(k, device=s.device, dtype=torch.float64)
+    tail = desc.flip(0).cumsum(0).flip(0)[:k]  # [k]: sum of desc[m:]
+    c = (k - m) / tail
+    ok = c * desc[:k] <= 1.0 + 1e-12
+    first = int(torch.argmax(ok.to(torch.int8)))  # ok[k-1] always holds (tail[k-1] >= desc[k-1])
+    pi_desc = torch.clamp(c[first] * desc, max=1.0)
+    pi_desc[:first] = 1.0
+    pi = torch.empty_like(pi_desc).scatter_(0, order, pi_desc)  # sums to first + c * tail = k
+    return pi if floor <= 0 else (1.0 - floor) * pi + floor * (k / n)
+
+
+def pps_units(scores: torch.Tensor, k: int, generator: torch.Generator,
+              floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices int64 ascending [k], weights float32 [k] = 1 / pi of those units): exactly `k`
+    distinct units, unit i kept with probability pi_i = inclusion_probabilities(scores, k,
+    floor)[i].
+
+    Capped units (pi = 1) are kept; the others are drawn by randomized systematic sampling: in
+    a seeded random order their probabilities are laid end to end on [0, k'), and the units
+    whose intervals hold the points u, u+1, ..., u+k'-1 (u uniform on [0, 1)) are kept. Each
+    interval is shorter than 1, so it holds a point with probability exactly its length and
+    never two. Scaling a kept unit's contribution by its weight 1/pi makes a sum over the kept
+    units an unbiased estimate of the sum over all (Horvitz-Thompson).
+    """
+    n = scores.numel()
+    if k >= n:
+        return torch.arange(n, device=scores.device), torch.ones(n, device=scores.device)
+    pi = inclusion_probabilities(scores, k, floor)
+    capped = pi >= 1.0
+    rest = (~capped).nonzero().squeeze(1)
+    k_rest = k - int(capped.sum())
+    kept = [capped.nonzero().squeeze(1)]
+    if k_rest > 0:
+        perm = rest[torch.randperm(rest.numel(), generator=generator, device=scores.device)]
+        cum = pi[perm].cumsum(0)
+        cum = cum * (k_rest / cum[-1])  # the uncapped budget is k' exactly
+        u = torch.rand((), generator=generator, device=scores.device, dtype=torch.float64)
+        points = u + torch.arange(k_rest, device=scores.device, dtype=torch.float64)
+        pos = torch.searchsorted(cum, points, right=True).clamp_(max=perm.numel() - 1)
+        kept.append(perm[pos])
+    idx = torch.cat(kept).sort().values
+    return idx, (1.0 / pi[idx]).float()
