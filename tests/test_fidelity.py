@@ -67,7 +67,7 @@ def test_executed_flops_backward_only_mode_by_hand():
     """--sat-sparse-pass backward: the MLP's forward (2 of its 6 FLOPs per weight and token)
     runs dense, only its backward (4 of 6) over the kept channels."""
     cfg = ModelConfig.from_file(MODEL_CONFIG_DIR / "tiny-test.json")
-    meter = ExecutedFlops(cfg, 8, 64, mlp_backward_only=True)
+    meter = ExecutedFlops(cfg, 8, 64, sparse_pass="backward")
     meter.add_step(1.0, 0.25)
     h, L, f, batch, seq = 64, 2, 128, 8, 64
     mlp_dense = 6 * batch * seq * 3 * L * h * f
@@ -76,3 +76,18 @@ def test_executed_flops_backward_only_mode_by_hand():
     assert executed == pytest.approx(_hand_flops(1, 1) - mlp_dense + mlp_executed, rel=1e-12)
     # the same FLOPs as omitting 0.5 in both passes
     assert executed == pytest.approx(_hand_flops(1, 0.5), rel=1e-12)
+
+
+def test_executed_flops_weight_grad_mode_by_hand():
+    """--sat-sparse-pass weight-grad: the MLP's forward and input gradient (4 of its 6 FLOPs
+    per weight and token) run dense, only its weight gradients (2 of 6) over the kept ones."""
+    cfg = ModelConfig.from_file(MODEL_CONFIG_DIR / "tiny-test.json")
+    meter = ExecutedFlops(cfg, 8, 64, sparse_pass="weight-grad")
+    meter.add_step(1.0, 0.25)
+    h, L, f, batch, seq = 64, 2, 128, 8, 64
+    mlp_dense = 6 * batch * seq * 3 * L * h * f
+    mlp_executed = 4 * batch * seq * 3 * L * h * f + 2 * batch * seq * 3 * L * h * f * 0.25
+    _, _, executed = meter.take()
+    assert executed == pytest.approx(_hand_flops(1, 1) - mlp_dense + mlp_executed, rel=1e-12)
+    # the same FLOPs as omitting 0.25 in both passes
+    assert executed == pytest.approx(_hand_flops(1, 0.75), rel=1e-12)

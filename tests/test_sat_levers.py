@@ -236,11 +236,45 @@ def test_backward_only_loss_is_dense_and_grads_equal_detached_reference(tp, worl
     assert diff > 1e-4
 
 
+@pytest.mark.parametrize("tp,world", [(1, 1), (2, 4)], ids=["single", "tp2xdp2"])
+def test_weight_grad_only_keeps_every_input_gradient_exact(tp, world):
+    """--sat-sparse-pass weight-grad: the loss and every gradient that does not belong to an
+    MLP weight are the dense model's (the input gradients are exact, so everything below an
+    MLP is too); the MLP weights' kept rows and columns carry dense's gradient and the omitted
+    ones exactly zero."""
+    cfg = MHA
+    hf_sd = _hf_model(cfg).state_dict()
+    ids, labels = _batch(cfg)
+    sat = SATConfig(metric="activation", selection="topk", sparse_pass="weight-grad", align_mlp=8,
+                    token_stride=STRIDE).validate()
+    dense_loss, dense_grads, _ = _single(cfg, hf_sd, ids, labels)
+    loss, grads, selected = _sat_run(cfg, hf_sd, ids, labels, sat, (0.0, 0.75), tp, world)
+    kept = _kept_mlp(selected, cfg)
+    assert set(kept) == set(range(cfg.num_layers)) and all(len(v) == 32 for v in kept.values())
+    assert loss == pytest.approx(dense_loss, abs=1e-6)
+    for name, g in grads.items():
+        if ".mlp." not in name:
+            torch.testing.assert_close(g, dense_grads[name], rtol=1e-4, atol=2e-5, msg=name)
+    for layer in range(cfg.num_layers):
+        k = torch.tensor(kept[layer])
+        omitted = torch.ones(cfg.ffn_hidden_size, dtype=torch.bool)
+        omitted[k] = False
+        for proj in ("gate_proj", "up_proj"):
+            n = f"model.layers.{layer}.mlp.{proj}.weight"
+            torch.testing.assert_close(grads[n][k], dense_grads[n][k], rtol=1e-4, atol=2e-5, msg=n)
+            assert torch.count_nonzero(grads[n][omitted]) == 0
+        n = f"model.layers.{layer}.mlp.down_proj.weight"
+        torch.testing.assert_close(grads[n][:, k], dense_grads[n][:, k], rtol=1e-4, atol=2e-5, msg=n)
+        assert torch.count_nonzero(grads[n][:, omitted]) == 0
+        assert torch.count_nonzero(dense_grads[n][:, omitted]) > 0  # what was left out was not zero
+
+
 @pytest.mark.parametrize("overrides", [
     {"metric": "fluctuation", "compensation": "mean"},
     {"metric": "activation", "sparse_pass": "backward"},
     {"metric": "activation", "sparse_pass": "backward", "selection": "pps"},
-], ids=["compensation", "backward-only", "backward-only-pps"])
+    {"metric": "activation", "sparse_pass": "weight-grad"},
+], ids=["compensation", "backward-only", "backward-only-pps", "weight-grad"])
 def test_levers_are_dp_invariant(overrides):
     """DP=2 selects what one process selects on the same global batch, and computes the same
     loss and gradients (scores and means reduced over DP)."""
@@ -282,6 +316,7 @@ def test_backward_only_with_recompute_equals_without():
 @pytest.mark.parametrize("overrides,msg", [
     ({"sparse_pass": "backward", "omission_attn": 0.2}, "set --sat-omission-attn 0"),
     ({"sparse_pass": "backward", "compensation": "mean"}, "use --sat-compensation none"),
+    ({"sparse_pass": "weight-grad", "omission_attn": 0.2}, "set --sat-omission-attn 0"),
     ({"compensation": "median"}, "sat.compensation: got 'median'"),
     ({"sparse_pass": "forward"}, "sat.sparse_pass: got 'forward'"),
 ])

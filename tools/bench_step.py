@@ -73,7 +73,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sat-metric", default=None, help="--sat-metric of sat_dist (default: the project's)")
     p.add_argument("--sat-selection", default=None, help="--sat-selection of sat_dist (default: the project's)")
     p.add_argument("--sat-compensation", default=None, help="--sat-compensation of sat_dist (none, mean)")
-    p.add_argument("--sat-sparse-pass", default=None, help="--sat-sparse-pass of sat_dist (both, backward)")
+    p.add_argument("--sat-sparse-pass", default=None, help="--sat-sparse-pass of sat_dist (both, backward, weight-grad)")
     p.add_argument("--sat-token-stride", type=int, default=None, help="--sat-token-stride of sat_dist")
     p.add_argument("--rounds", type=int, default=4, help="measured rounds (one step per setting each)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
@@ -277,7 +277,7 @@ def worker(a) -> int:
             times = [max(r[str(s)]["times"][i] for r in everyone) for i in range(a.rounds)]
             med = statistics.median(times)
             ka, km = kept.get(s, (1.0, 1.0))
-            executed = model_flops(cfg, gbs, a.seq, ka, km, a.sat_sparse_pass == "backward")
+            executed = model_flops(cfg, gbs, a.seq, ka, km, a.sat_sparse_pass or "both")
             phase = {k: statistics.median(p[k] for p in everyone[0][str(s)]["phases"])
                      for k in ("forward_s", "backward_s", "optimizer_s")}
             c = everyone[0][str(s)]["comm"]

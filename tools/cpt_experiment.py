@@ -75,6 +75,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "bwd-0.75-pps": ("as bwd-0.75, channels drawn with probability proportional to their score and "
                      "their gradient weighted by 1/pi (an unbiased sparse backward)",
                      sat("activation", "pps", "0", "0.75", "--sat-sparse-pass", "backward", "--sat-token-stride", "1")),
+    "wgrad-0.9": ("MLP 0.9 in the weight gradients only (dense forward and input gradient), activation "
+                  "metric from every token, top-k",
+                  sat("activation", "topk", "0", "0.9", "--sat-sparse-pass", "weight-grad", "--sat-token-stride", "1")),
     "comp-0.3": ("MLP 0.3 in both passes, fluctuation metric, omitted channels' means added back, top-k",
                  sat("fluctuation", "topk", "0", "0.3", "--sat-compensation", "mean")),
     # Replay (issue [H]), run after the LR schedule took Megatron's definition (step 0 at the

@@ -195,7 +195,8 @@ class SATMLP(nn.Module):
             weights = None if kept is None else self.sat.selection_weights(self.layer, "mlp")
             return kept, weights
         x = self.comm.copy_to_tp(x)
-        y = backward_sparse_mlp(x, self.fc1_weight, self.fc2_weight, select)  # [b, s, h] partial over TP
+        y = backward_sparse_mlp(x, self.fc1_weight, self.fc2_weight, select,
+                                exact_input_grad=self.sat.mlp_exact_input_grad)  # [b, s, h] partial over TP
         return self.comm.reduce_from_tp(y)
 
 

@@ -103,9 +103,15 @@ class SATState:
 
     @property
     def mlp_backward_only(self) -> bool:
-        """--sat-sparse-pass backward, at a nonzero MLP rate this step."""
-        return (self.cfg is not None and self.cfg.enabled and self.cfg.sparse_pass == "backward"
+        """--sat-sparse-pass backward or weight-grad (the MLP's forward runs dense), at a
+        nonzero MLP rate this step."""
+        return (self.cfg is not None and self.cfg.enabled and self.cfg.sparse_pass in ("backward", "weight-grad")
                 and self.rates["mlp"] > 0)
+
+    @property
+    def mlp_exact_input_grad(self) -> bool:
+        """--sat-sparse-pass weight-grad: the MLP's input gradient is computed dense."""
+        return self.cfg is not None and self.cfg.sparse_pass == "weight-grad"
 
     def _record(self, layer: int, kind: str, idx, k: int, n_local: int):
         self.kept[(layer, kind)] = (k, n_local)

@@ -98,13 +98,17 @@ class _DenseForwardSparseBackwardMLP(torch.autograd.Function):
       dx = dg_K W_gate[K] + du_K W_up[K]   (the omitted channels' share of dx is dropped)
     i.e. the gradient of y_K(x) + stop_gradient(y_O(x)). Backward FLOPs: (k/n) of dense.
 
-    With weights w [k] (--sat-selection pps: w_j = 1/pi_j), kept channel j's da_j is scaled by
-    w_j, i.e. the gradient of sum_K w_j y_j(x) + stop_gradient(...): every gradient is then a
-    Horvitz-Thompson estimate of dense's, unbiased over the draw of K. The forward is exact,
-    so the backward is linear in dy and the whole network's gradient stays unbiased."""
+    exact_input_grad (--sat-sparse-pass weight-grad): da, dg, du and dx are computed over all
+    channels, so dx is exactly dense's and only the weight gradients' products run over K.
+    Backward FLOPs: (1 + k/n) / 2 of dense. Every layer below then gets the exact gradient:
+    the dropped share of dx is the error that compounds down the layers (docs/SAT.md).
+
+    With weights w [k] (--sat-selection pps: w_j = 1/pi_j), kept channel j's share of the
+    weight gradients (and, without exact_input_grad, of dx) is scaled by w_j: every gradient
+    is then a Horvitz-Thompson estimate of dense's, unbiased over the draw of K."""
 
     @staticmethod
-    def forward(ctx, x, fc1, fc2, select):
+    def forward(ctx, x, fc1, fc2, select, exact_input_grad: bool):
         f = fc2.shape[0]
         h1 = torch.nn.functional.linear(x, fc1)  # [b, s, 2f]: the dense path's products
         gate, up = h1.chunk(2, dim=-1)
@@ -113,37 +117,53 @@ class _DenseForwardSparseBackwardMLP(torch.autograd.Function):
         kept, weights = select(a)  # [k] local channel indices (None: dense backward), [k] or None
         if kept is None:
             kept = torch.arange(f, device=x.device)
-        # Only the kept channels' pre-activations are kept for backward: (k/f) of dense's.
         both = torch.cat((kept, kept + f))
-        ctx.save_for_backward(x, fc1, fc2, both, h1.index_select(-1, both), weights)
+        ctx.exact_input_grad = exact_input_grad
+        # Without exact_input_grad only the kept channels' pre-activations are kept for
+        # backward ((k/f) of dense's); with it, all of them (as dense).
+        ctx.save_for_backward(x, fc1, fc2, both, h1 if exact_input_grad else h1.index_select(-1, both), weights)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, fc1, fc2, both, h1_kept, weights = ctx.saved_tensors
+        x, fc1, fc2, both, h1_saved, weights = ctx.saved_tensors
         k = both.numel() // 2
         kept = both[:k]
-        g, u = h1_kept.reshape(-1, 2 * k).chunk(2, dim=-1)  # [T, k] each
         x2 = x.reshape(-1, x.shape[-1])  # [T, h]
         dy = grad_y.reshape(-1, grad_y.shape[-1])  # [T, h]
-        sig = torch.sigmoid(g)
-        silu_g = g * sig
-        a = silu_g * u  # [T, k]
-        da = dy @ fc2.index_select(0, kept).t()  # [T, k]
-        if weights is not None:  # Horvitz-Thompson: channel j's share of every gradient times 1/pi_j
-            w = weights.to(da.dtype)
-            da, a = da * w, a * w
-        grad_fc2 = _weight_grad(a.t(), dy, kept, 1, fc2.shape)
-        dh = torch.cat((da * u * (sig * (1 + g * (1 - sig))), da * silu_g), dim=-1)  # [T, 2k]: d gate, d up
-        grad_x = (dh @ fc1.index_select(0, both)).view_as(x)
-        grad_fc1 = _weight_grad(dh.t(), x2, both, 1, fc1.shape)
-        return grad_x, grad_fc1, grad_fc2, None
+        w = None if weights is None else weights.to(dy.dtype)
+        if ctx.exact_input_grad:
+            g, u = h1_saved.reshape(x2.shape[0], -1).chunk(2, dim=-1)  # [T, f] each
+            sig = torch.sigmoid(g)
+            silu_g = g * sig
+            da = dy @ fc2.t()  # [T, f]
+            dh = torch.cat((da * u * (sig * (1 + g * (1 - sig))), da * silu_g), dim=-1)  # [T, 2f]
+            grad_x = (dh @ fc1).view_as(x)
+            a_k = (silu_g * u).index_select(1, kept)  # [T, k]
+            dh_k = dh.index_select(1, both)  # [T, 2k]
+            if w is not None:
+                a_k, dh_k = a_k * w, dh_k * torch.cat((w, w))
+        else:
+            g, u = h1_saved.reshape(-1, 2 * k).chunk(2, dim=-1)  # [T, k] each
+            sig = torch.sigmoid(g)
+            silu_g = g * sig
+            a_k = silu_g * u  # [T, k]
+            da = dy @ fc2.index_select(0, kept).t()  # [T, k]
+            if w is not None:  # Horvitz-Thompson: channel j's share of every gradient times 1/pi_j
+                da, a_k = da * w, a_k * w
+            dh_k = torch.cat((da * u * (sig * (1 + g * (1 - sig))), da * silu_g), dim=-1)  # [T, 2k]: d gate, d up
+            grad_x = (dh_k @ fc1.index_select(0, both)).view_as(x)
+        grad_fc2 = _weight_grad(a_k.t(), dy, kept, 1, fc2.shape)
+        grad_fc1 = _weight_grad(dh_k.t(), x2, both, 1, fc1.shape)
+        return grad_x, grad_fc1, grad_fc2, None, None
 
 
-def backward_sparse_mlp(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, select) -> torch.Tensor:
+def backward_sparse_mlp(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, select,
+                        exact_input_grad: bool = False) -> torch.Tensor:
     """The SwiGLU MLP with a dense forward and a backward over kept channels only
-    (--sat-sparse-pass backward). x [b, s, h]; fc1 [2f, h] (gate rows, then up rows); fc2
-    [f, h] = W_down^T; select(a [b, s, f]) -> (kept channel indices [k] (unique), or None to
-    run the backward dense; per-channel gradient weights [k], or None for 1). Omitted
-    channels get exactly zero gradient."""
-    return _DenseForwardSparseBackwardMLP.apply(x, fc1, fc2, select)
+    (--sat-sparse-pass backward; with exact_input_grad, --sat-sparse-pass weight-grad: only
+    the weight gradients over kept channels). x [b, s, h]; fc1 [2f, h] (gate rows, then up
+    rows); fc2 [f, h] = W_down^T; select(a [b, s, f]) -> (kept channel indices [k] (unique),
+    or None to run the backward dense; per-channel gradient weights [k], or None for 1).
+    Omitted channels get exactly zero weight gradient."""
+    return _DenseForwardSparseBackwardMLP.apply(x, fc1, fc2, select, exact_input_grad)

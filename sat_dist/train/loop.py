@@ -146,7 +146,7 @@ class Trainer:
         # validation`; "valid/NAME" as `lm loss validation/NAME`.
         self.valid_sets = {k: (ds, eval_micro_batches(ds, run, comm.dp_size))
                            for k, ds in datasets.items() if k == "valid" or k.startswith("valid/")}
-        self.flops = ExecutedFlops(model_cfg, self.gbs, t.seq_length, run.sat.sparse_pass == "backward")
+        self.flops = ExecutedFlops(model_cfg, self.gbs, t.seq_length, run.sat.sparse_pass)
         self.last = t.exit_interval if 0 < t.exit_interval < t.train_iters else t.train_iters
         self.peak = self._peak_flops(t)
         self.p = Progress()

@@ -8,22 +8,25 @@ from sat_dist.config import ModelConfig
 
 
 def model_flops(cfg: ModelConfig, batch: int, seq: int, attn_keep: float = 1.0,
-                mlp_keep: float = 1.0, mlp_backward_only: bool = False) -> float:
+                mlp_keep: float = 1.0, sparse_pass: str = "both") -> float:
     """FLOPs of one forward+backward of `batch` sequences of `seq` tokens.
 
     With keeps of 1 this is Megatron-LM's formula (causal attention counted half):
       B*s*6*[L*(h*(q+2kv) + q*h) + 3*L*h*ffn + h*V] + B*s^2*6*q*L.
     attn_keep / mlp_keep (kept fraction of attention units / MLP channels, averaged over
     layers) give the FLOPs SAT actually executes: the projections and the attention scores
-    of omitted units are not computed; the LM head always is. mlp_backward_only
-    (--sat-sparse-pass backward): the MLP's forward (a third of its FLOPs) runs dense and
-    only its backward (two thirds) over the kept channels.
+    of omitted units are not computed; the LM head always is. sparse_pass
+    (--sat-sparse-pass): both, the MLP's three products per pass over the kept channels;
+    backward, its forward (a third of its FLOPs) dense and its backward (two thirds) over
+    the kept channels; weight-grad, the forward and the input gradient (two thirds) dense
+    and only the weight gradients (one third) over the kept channels.
     """
     h, L, V = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
     q = cfg.num_attention_heads * cfg.head_dim
     kv = cfg.num_query_groups * cfg.head_dim
     attn_proj = L * (h * (q + 2 * kv) + q * h) * attn_keep
-    mlp_share = (1 + 2 * mlp_keep) / 3 if mlp_backward_only else mlp_keep
+    mlp_share = {"both": mlp_keep, "backward": (1 + 2 * mlp_keep) / 3,
+                 "weight-grad": (2 + mlp_keep) / 3}[sparse_pass]
     mlp = 3 * L * h * cfg.ffn_hidden_size * mlp_share
     dense_tokens = batch * seq * 6 * (attn_proj + mlp + h * V)
     return dense_tokens + batch * seq * seq * 6 * q * L * attn_keep
@@ -57,13 +60,13 @@ class ExecutedFlops:
     what its steps really ran, not the last step's keep fractions applied to all of them.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, seq: int, mlp_backward_only: bool = False):
-        self.cfg, self.batch, self.seq, self.mlp_backward_only = cfg, batch, seq, mlp_backward_only
+    def __init__(self, cfg: ModelConfig, batch: int, seq: int, sparse_pass: str = "both"):
+        self.cfg, self.batch, self.seq, self.sparse_pass = cfg, batch, seq, sparse_pass
         self.steps, self.executed = 0, 0.0
 
     def add_step(self, attn_keep: float, mlp_keep: float) -> None:
         self.steps += 1
-        self.executed += model_flops(self.cfg, self.batch, self.seq, attn_keep, mlp_keep, self.mlp_backward_only)
+        self.executed += model_flops(self.cfg, self.batch, self.seq, attn_keep, mlp_keep, self.sparse_pass)
 
     def take(self) -> tuple[int, float, float]:
         """(steps, dense FLOPs, executed FLOPs) of the interval; starts the next one."""
