@@ -154,8 +154,8 @@ class SATConfig:
             raise fail_field(s, "seed", self.seed, "an integer >= 0")
         dense_forward = self.sparse_pass in ("backward", "weight-grad")
         if dense_forward and self.omission_attn > 0:
-            raise SatDistError(f"--sat-sparse-pass {self.sparse_pass}: omits MLP channels only, but --sat-omission-attn "
-                               f"is {self.omission_attn}; set --sat-omission-attn 0 or use --sat-sparse-pass both")
+            raise SatDistError(f"--sat-sparse-pass {self.sparse_pass}: omits MLP channels only, but "
+                               f"--sat-omission-attn is {self.omission_attn}; set --sat-omission-attn 0 or use --sat-sparse-pass both")
         if dense_forward and self.compensation != "none":
             raise SatDistError(f"--sat-sparse-pass {self.sparse_pass} runs the dense forward, so there is nothing for "
                                f"--sat-compensation {self.compensation} to make up; use --sat-compensation none")

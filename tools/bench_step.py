@@ -73,7 +73,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sat-metric", default=None, help="--sat-metric of sat_dist (default: the project's)")
     p.add_argument("--sat-selection", default=None, help="--sat-selection of sat_dist (default: the project's)")
     p.add_argument("--sat-compensation", default=None, help="--sat-compensation of sat_dist (none, mean)")
-    p.add_argument("--sat-sparse-pass", default=None, help="--sat-sparse-pass of sat_dist (both, backward, weight-grad)")
+    p.add_argument("--sat-sparse-pass", default=None,
+                   help="--sat-sparse-pass of sat_dist (both, backward, weight-grad)")
     p.add_argument("--sat-token-stride", type=int, default=None, help="--sat-token-stride of sat_dist")
     p.add_argument("--rounds", type=int, default=4, help="measured rounds (one step per setting each)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
