@@ -155,7 +155,8 @@ class SATConfig:
         dense_forward = self.sparse_pass in ("backward", "weight-grad")
         if dense_forward and self.omission_attn > 0:
             raise SatDistError(f"--sat-sparse-pass {self.sparse_pass}: omits MLP channels only, but "
-                               f"--sat-omission-attn is {self.omission_attn}; set --sat-omission-attn 0 or use --sat-sparse-pass both")
+                               f"--sat-omission-attn is {self.omission_attn}; set --sat-omission-attn 0 or use "
+                               f"--sat-sparse-pass both")
         if dense_forward and self.compensation != "none":
             raise SatDistError(f"--sat-sparse-pass {self.sparse_pass} runs the dense forward, so there is nothing for "
                                f"--sat-compensation {self.compensation} to make up; use --sat-compensation none")
