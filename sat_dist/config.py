@@ -52,9 +52,10 @@ class SATConfig:
     selection: str = "topk"
     """How kept units are chosen from the scores: topk, sampling (temperature, without
     replacement; the paper's choice, which lost more quality here), or pps (with
-    --sat-sparse-pass backward only: unit i kept with probability pi_i proportional to its
-    score, capped at 1, and its gradient scaled by 1/pi_i, so the sparse backward is an
-    unbiased estimate of the dense gradient; docs/SAT.md)."""
+    --sat-sparse-pass backward or weight-grad: unit i kept with probability pi_i proportional
+    to its score, capped at 1, and its gradient scaled by 1/pi_i, so the sparse backward is
+    an unbiased estimate of the dense gradient; docs/SAT.md. Its variance compounds down the
+    layers: on SmolLM2-135M it was far worse than topk, docs/EXPERIMENTS.md)."""
 
     pps_floor: float = 0.5
     """pps: the fraction of each unit's inclusion probability spread uniformly, pi = (1 -
