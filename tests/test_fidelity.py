@@ -63,31 +63,20 @@ def test_executed_flops_sum_each_steps_keep_fractions():
     assert meter.take() == (0, 0.0, 0.0)  # the next interval starts empty
 
 
-def test_executed_flops_backward_only_mode_by_hand():
-    """--sat-sparse-pass backward: the MLP's forward (2 of its 6 FLOPs per weight and token)
-    runs dense, only its backward (4 of 6) over the kept channels."""
+# (--sat-sparse-pass, FLOPs of the MLP's 6 per weight and token run dense, omission in both
+# passes with the same FLOPs at keep 0.25)
+@pytest.mark.parametrize("sparse_pass,dense_share,same_as", [
+    ("backward", 2, 0.5),      # the forward dense, the backward (4 of 6) over the kept channels
+    ("weight-grad", 4, 0.25),  # the forward and input gradient dense, the weight gradients (2 of 6) kept only
+])
+def test_executed_flops_dense_forward_modes_by_hand(sparse_pass, dense_share, same_as):
     cfg = ModelConfig.from_file(MODEL_CONFIG_DIR / "tiny-test.json")
-    meter = ExecutedFlops(cfg, 8, 64, sparse_pass="backward")
+    meter = ExecutedFlops(cfg, 8, 64, sparse_pass=sparse_pass)
     meter.add_step(1.0, 0.25)
     h, L, f, batch, seq = 64, 2, 128, 8, 64
     mlp_dense = 6 * batch * seq * 3 * L * h * f
-    mlp_executed = 2 * batch * seq * 3 * L * h * f + 4 * batch * seq * 3 * L * h * f * 0.25
+    mlp_executed = (dense_share * batch * seq * 3 * L * h * f
+                    + (6 - dense_share) * batch * seq * 3 * L * h * f * 0.25)
     _, _, executed = meter.take()
     assert executed == pytest.approx(_hand_flops(1, 1) - mlp_dense + mlp_executed, rel=1e-12)
-    # the same FLOPs as omitting 0.5 in both passes
-    assert executed == pytest.approx(_hand_flops(1, 0.5), rel=1e-12)
-
-
-def test_executed_flops_weight_grad_mode_by_hand():
-    """--sat-sparse-pass weight-grad: the MLP's forward and input gradient (4 of its 6 FLOPs
-    per weight and token) run dense, only its weight gradients (2 of 6) over the kept ones."""
-    cfg = ModelConfig.from_file(MODEL_CONFIG_DIR / "tiny-test.json")
-    meter = ExecutedFlops(cfg, 8, 64, sparse_pass="weight-grad")
-    meter.add_step(1.0, 0.25)
-    h, L, f, batch, seq = 64, 2, 128, 8, 64
-    mlp_dense = 6 * batch * seq * 3 * L * h * f
-    mlp_executed = 4 * batch * seq * 3 * L * h * f + 2 * batch * seq * 3 * L * h * f * 0.25
-    _, _, executed = meter.take()
-    assert executed == pytest.approx(_hand_flops(1, 1) - mlp_dense + mlp_executed, rel=1e-12)
-    # the same FLOPs as omitting 0.25 in both passes
-    assert executed == pytest.approx(_hand_flops(1, 0.75), rel=1e-12)
+    assert executed == pytest.approx(_hand_flops(1, 1 - same_as), rel=1e-12)
