@@ -75,6 +75,14 @@ class SATConfig:
     """Fraction of attention units (KV groups) omitted in the sparse stage, in [0, 1). Off by
     default: omitting KV groups cost the most quality per FLOP saved (docs/EXPERIMENTS.md)."""
 
+    omission_mlp_layers: str = ""
+    """Per-layer MLP omission rates of the sparse stage, comma-separated, layer 0 first, one per
+    layer (empty: every layer at omission_mlp). Each in [0, 1) (0: the layer stays dense), and
+    omission_mlp must be their mean: it stays the run's headline rate, and every rung of the
+    ladder scales each layer's rate by the same fraction. Uneven rates at the same mean: on
+    SmolLM2-135M layer 0's channels cost ten times any other layer's (docs/EXPERIMENTS.md);
+    tools/sat_fidelity.py --per-layer measures a model's layers and proposes the rates."""
+
     schedule: str = "ladder"
     """Omission-rate schedule: ladder (LORS), constant, or dense (SAT off)."""
 
@@ -123,6 +131,18 @@ class SATConfig:
     for every micro-batch ("micro-batch"). See docs/SAT.md for what each guarantees."""
 
     @property
+    def mlp_layer_rates(self) -> Optional[tuple[float, ...]]:
+        """omission_mlp_layers as numbers (None when empty: every layer at omission_mlp)."""
+        text = self.omission_mlp_layers.strip() if isinstance(self.omission_mlp_layers, str) else ""
+        if not text:
+            return None
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise SatDistError(f"sat.omission_mlp_layers: got {self.omission_mlp_layers!r}; allowed: comma-separated "
+                               f"numbers in [0, 1), one per layer (e.g. 0,0.4,0.4)") from None
+
+    @property
     def enabled(self) -> bool:
         """False for the dense schedule: SAT is off (no scoring, no keep-count alignment)."""
         return self.schedule != "dense"
@@ -138,6 +158,20 @@ class SATConfig:
             v = getattr(self, name)
             if not _is_number(v) or not 0.0 <= v < 1.0:
                 raise fail_field(s, name, v, "a number in [0, 1)")
+        if not isinstance(self.omission_mlp_layers, str):
+            raise fail_field(s, "omission_mlp_layers", self.omission_mlp_layers,
+                             "comma-separated numbers in [0, 1), one per layer")
+        layer_rates = self.mlp_layer_rates
+        if layer_rates is not None:
+            bad = [v for v in layer_rates if not 0.0 <= v < 1.0]
+            if bad:
+                raise fail_field(s, "omission_mlp_layers", self.omission_mlp_layers,
+                                 f"rates in [0, 1) (not {bad[0]:g})")
+            mean = sum(layer_rates) / len(layer_rates)
+            if abs(mean - self.omission_mlp) > 5e-4:
+                raise SatDistError(f"--sat-omission-mlp-layers: the rates' mean is {mean:.4f} but --sat-omission-mlp "
+                                   f"is {self.omission_mlp:g}; set --sat-omission-mlp {mean:.4f} (the headline rate "
+                                   f"the ladder scales)")
         for name in ("sparse_fraction", "dense_fraction", "pps_floor"):
             v = getattr(self, name)
             if not _is_number(v) or not 0.0 <= v <= 1.0:

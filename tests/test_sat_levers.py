@@ -95,7 +95,8 @@ def test_omitted_mean_bias_equals_hand_sum():
 class _PatchedMLPs:
     """transformers' model with each layer's MLP computing SAT's function for given kept sets.
 
-    mode "mean": omitted channels' activations replaced by their mean over every STRIDE-th
+    mode "omit": omitted channels left out (SAT's plain sparse forward). mode "mean": omitted
+    channels' activations replaced by their mean over every STRIDE-th
     token (a constant: detached). mode "backward": dense output, omitted channels' part
     detached. Records each layer's activations (fluctuation / activation scores come from them).
     """
@@ -120,6 +121,8 @@ class _PatchedMLPs:
                 mu = a.detach().reshape(-1, a.shape[-1])[::stride].mean(0)
                 return mlp.down_proj(torch.where(keep, a, mu))
             w = mlp.down_proj.weight
+            if mode == "omit":  # the sparse forward without compensation
+                return F.linear(a * keep, w)
             return F.linear(a * keep, w) + F.linear(a * ~keep, w).detach()
         return hook
 
@@ -141,7 +144,8 @@ def _reference(cfg, hf_sd, ids, labels, kept, mode):
 
 
 def _kept_mlp(selected, cfg):
-    return {layer: idx for (layer, kind), idx in selected.items() if kind == "mlp" and idx is not None}
+    # a dense layer is None in one process and [] once _sat_run has merged the TP partitions
+    return {layer: idx for (layer, kind), idx in selected.items() if kind == "mlp" and idx}
 
 
 def _partition_topk(scores: torch.Tensor, tp: int, k_local: int) -> list[int]:

@@ -46,6 +46,10 @@ def sat(metric: str, selection: str, attn: str, mlp: str, *more: str) -> list[st
             "--sat-omission-attn", attn, "--sat-omission-mlp", mlp, *more]
 
 
+LAYERS_033 = ("0,0,0,0,0.333333,0.666667,0.333333,0.333333,0,0.333333,0.5,0.333333,0.666667,0.5,0.333333,"
+              "0.333333,0.333333,0.5,0.5,0.333333,0.5,0.5,0.333333,0.333333,0.5,0.5,0.333333,0.333333,0.333333,0")
+"""--sat-omission-mlp-layers of the layers-0.33 arm (SmolLM2-135M's 30 layers, mean 1/3)."""
+
 # name -> (what it tests, extra flags). Flags not given take the project's defaults.
 ARMS: dict[str, tuple[str, list[str]]] = {
     "base": ("the starting model, evaluated only (--skip-train): the curves' point at 0 tokens",
@@ -78,6 +82,12 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "wgrad-0.9": ("MLP 0.9 in the weight gradients only (dense forward and input gradient), activation "
                   "metric from every token, top-k",
                   sat("activation", "topk", "0", "0.9", "--sat-sparse-pass", "weight-grad", "--sat-token-stride", "1")),
+    # Uneven rates per layer at the FLOPs of 0.333 everywhere: proposed by tools/sat_fidelity.py
+    # --per-layer 0.3333333,0.5,0.6666667,0.8333333 --propose 0.3333333 on one batch of each
+    # domain's training data (docs/EXPERIMENTS.md); layers 0-3 and 29 stay dense.
+    "layers-0.33": ("MLP 0.333 in both passes on average, per-layer rates calibrated on the starting model, "
+                    "activation metric, top-k",
+                    sat("activation", "topk", "0", "0.333333", "--sat-omission-mlp-layers", LAYERS_033)),
     "comp-0.3": ("MLP 0.3 in both passes, fluctuation metric, omitted channels' means added back, top-k",
                  sat("fluctuation", "topk", "0", "0.3", "--sat-compensation", "mean")),
     # Replay (issue [H]), run after the LR schedule took Megatron's definition (step 0 at the

@@ -24,6 +24,18 @@ error ||g - g_dense|| / ||g_dense||. That is the measure for --sat-sparse-pass b
 whose forward (and so its loss increase) is exactly dense's. --draws D makes D backwards per
 batch, each selecting afresh, and adds the relative error of their mean: what a random
 selection's error keeps once optimizer steps have averaged its noise (its bias).
+
+Uneven rates per layer (--sat-omission-mlp-layers): `layers=R0:R1:...` in a setting gives
+one MLP rate per layer (its mean is the headline rate). --per-layer RATES measures every
+layer alone: the loss increase with only that layer's MLP sparse at each rate, the first
+--setting giving the metric, selection and stride. Run it on training data, not on the sets
+you will evaluate on. --propose MEAN [MEAN ...] then picks the rate of every layer that
+keeps the summed increase least at that mean (the same FLOPs as the mean everywhere:
+sat_dist.sat.layer_rates), prints the flags, and measures the proposal against the uniform
+rate jointly (the sum assumes the layers' increases add up; the joint row checks it).
+
+    python tools/sat_fidelity.py --hf-checkpoint DIR --data new=TRAIN_PREFIX --batches 1 \\
+        --setting metric=activation,selection=topk,stride=1 --per-layer 0.333,0.5,0.667,0.833 --propose 0.333 0.5
 """
 
 from __future__ import annotations
@@ -44,11 +56,14 @@ from sat_dist.data.indexed import IndexedDatasetReader  # noqa: E402
 from sat_dist.errors import SatDistError  # noqa: E402
 from sat_dist.model.llama import LlamaModel  # noqa: E402
 from sat_dist.model.sat_state import SATState  # noqa: E402
+from sat_dist.sat.layer_rates import allocate_layer_rates  # noqa: E402
+from sat_dist.sat.selection import layer_keep_count  # noqa: E402
 
 KEYS = {"metric": ("metric", str), "selection": ("selection", str), "temperature": ("temperature", float),
         "floor": ("pps_floor", float),
         "attn": ("omission_attn", float), "mlp": ("omission_mlp", float), "stride": ("token_stride", int),
-        "align": ("align_mlp", int), "comp": ("compensation", str), "pass": ("sparse_pass", str)}
+        "align": ("align_mlp", int), "comp": ("compensation", str), "pass": ("sparse_pass", str),
+        "layers": ("omission_mlp_layers", str)}
 
 
 def parse_setting(text: str) -> SATConfig:
@@ -62,6 +77,11 @@ def parse_setting(text: str) -> SATConfig:
             values[field] = kind(value.strip())
         except ValueError:
             raise SatDistError(f"--setting {text!r}: {key}={value!r} is not a {kind.__name__}")
+    if "omission_mlp_layers" in values:  # layers=0:0.5:0.75 (a comma separates the keys)
+        values["omission_mlp_layers"] = values["omission_mlp_layers"].replace(":", ",")
+        if "omission_mlp" not in values:  # the headline rate is the layers' mean
+            rates = SATConfig(omission_mlp_layers=values["omission_mlp_layers"]).mlp_layer_rates
+            values["omission_mlp"] = sum(rates) / len(rates)
     cfg = dataclasses.replace(SATConfig(), schedule="constant", **values)
     cfg.validate()
     return cfg
@@ -121,6 +141,57 @@ def gradient_distance(model: LlamaModel, state: SATState, cfg: SATConfig, data, 
     return sum(cos) / len(cos), sum(rel) / len(rel), sum(rel_mean) / len(rel_mean)
 
 
+def parse_rates(text: str, flag: str) -> list[float]:
+    try:
+        rates = [float(v) for v in text.split(",")]
+    except ValueError:
+        rates = []
+    if not rates or not all(0.0 < r < 1.0 for r in rates):
+        raise SatDistError(f"{flag}: got {text!r}; allowed: comma-separated rates in (0, 1), e.g. 0.333,0.5,0.667")
+    return rates
+
+
+def with_layer_rates(base: SATConfig, rates: list[float]) -> SATConfig:
+    """`base` with one MLP rate per layer (the headline rate their mean)."""
+    return dataclasses.replace(base, omission_mlp=sum(rates) / len(rates),
+                               omission_mlp_layers=",".join(f"{r:.6g}" for r in rates)).validate()
+
+
+def effective_mlp_omission(cfg: SATConfig, ffn: int, layers: int) -> float:
+    """The mean fraction of MLP channels really omitted at the setting's full rate, after the
+    keep counts' alignment (what the FLOPs follow)."""
+    kept = [layer_keep_count(ffn, cfg.omission_mlp, cfg.align_mlp, cfg, "mlp", i) for i in range(layers)]
+    return 1.0 - sum(kept) / (ffn * layers)
+
+
+def per_layer(model, state, base: SATConfig, sets, dense, rates, proposals, n_layers, ffn) -> None:
+    """--per-layer: each layer alone at each rate, then the proposals (see the docstring)."""
+    base = dataclasses.replace(base, omission_mlp_layers="", omission_mlp=0.0)
+
+    def increase(cfg: SATConfig) -> float:  # mean over the data sets
+        return sum(mean_loss(model, state, cfg, data) - dense[n] for n, data in sets.items()) / len(sets)
+
+    print("| layer | " + " | ".join(f"MLP {r:g} alone" for r in rates) + " |\n|" + "---|" * (len(rates) + 1),
+          flush=True)
+    costs = []
+    for layer in range(n_layers):
+        costs.append([increase(with_layer_rates(base, [r if i == layer else 0.0 for i in range(n_layers)]))
+                      for r in rates])
+        print(f"| {layer} | " + " | ".join(f"{c:+.6f}" for c in costs[-1]) + " |", flush=True)
+    print("\n| rates | mean (effective) | summed per-layer increase | measured increase |\n|---|---|---|---|")
+    for mean in proposals:
+        chosen = list(allocate_layer_rates(costs, rates, mean))
+        uneven = with_layer_rates(base, chosen)
+        uniform = dataclasses.replace(base, omission_mlp=mean).validate()
+        summed = sum(costs[i][rates.index(r)] for i, r in enumerate(chosen) if r)
+        for what, cfg, pred in (("uniform", uniform, None), ("per layer", uneven, summed)):
+            eff = effective_mlp_omission(cfg, ffn, n_layers)
+            print(f"| {what} {mean:g} | {cfg.omission_mlp:.4f} ({eff:.4f}) | "
+                  f"{'' if pred is None else f'{pred:+.4f}'} | {increase(cfg):+.4f} |", flush=True)
+        print(f"\n  flags for {mean:g}: --sat-omission-mlp {uneven.omission_mlp:.6g} "
+              f"--sat-omission-mlp-layers {uneven.omission_mlp_layers}\n", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-checkpoint", required=True)
@@ -135,11 +206,22 @@ def main(argv=None) -> int:
     p.add_argument("--draws", type=int, default=1,
                    help="with --gradients: backwards per batch, each selecting afresh; adds the relative "
                         "error of their mean (the bias, once the draws average the noise out)")
+    p.add_argument("--per-layer", metavar="RATES",
+                   help="measure each layer's MLP alone at these comma-separated rates (base: the first --setting)")
+    p.add_argument("--propose", nargs="+", type=float, default=[], metavar="MEAN",
+                   help="with --per-layer: per-layer rates of least summed increase at each mean rate")
     a = p.parse_args(argv)
     try:
         if a.draws < 1:
             raise SatDistError(f"--draws: got {a.draws}; allowed: an integer >= 1")
         settings = [(s, parse_setting(s)) for s in a.setting]
+        layer_grid = parse_rates(a.per_layer, "--per-layer") if a.per_layer else None
+        if a.propose and layer_grid is None:
+            raise SatDistError("--propose needs --per-layer RATES (the rates each layer may take)")
+        bad = [m for m in a.propose if not 0.0 <= m <= max(layer_grid or [0.0])]
+        if bad:
+            raise SatDistError(f"--propose: got {bad[0]:g}; allowed: a mean in [0, {max(layer_grid):g}] "
+                               f"(the highest --per-layer rate)")
         sets = {}
         for entry in a.data:
             name, sep, prefix = entry.partition("=")
@@ -147,6 +229,10 @@ def main(argv=None) -> int:
                 raise SatDistError(f"--data {entry!r}: expected NAME=PREFIX")
             sets[name] = batches(prefix, a.batches, a.micro_batch_size, a.seq_length, a.seed + len(sets))
         model_cfg, sd = load_hf_checkpoint(a.hf_checkpoint)
+        for text, cfg in settings:
+            if cfg.mlp_layer_rates is not None and len(cfg.mlp_layer_rates) != model_cfg.num_layers:
+                raise SatDistError(f"--setting {text!r}: {len(cfg.mlp_layer_rates)} layer rates for a model of "
+                                   f"{model_cfg.num_layers} layers")
         align = max(s.align_mlp for _, s in settings)
         state = SATState(dataclasses.replace(SATConfig(), align_mlp=align))
         model = LlamaModel(model_cfg, state).float().eval()
@@ -158,6 +244,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dense = {name: mean_loss(model, state, None, data) for name, data in sets.items()}
+    if layer_grid is not None:
+        print("dense loss: " + ", ".join(f"{n} {v:.4f}" for n, v in dense.items()), flush=True)
+        per_layer(model, state, settings[0][1], sets, dense, layer_grid, a.propose, model_cfg.num_layers,
+                  model_cfg.ffn_hidden_size)
+        return 0
     head = ["setting"] + [f"{n} loss (dense {dense[n]:.4f})" for n in sets] + [f"{n} increase" for n in sets]
     if a.gradients:
         dense_grads = {n: [gradient(model, state, None, i, ids, lab) for i, (ids, lab) in enumerate(data)]

@@ -225,7 +225,7 @@ _BACKFILL = {"sat-granularity": lambda d: "micro-batch", "sat-compensation": lam
              "lr-decay-iters": lambda d: d.get("train-iters"), "lr-wsd-decay-iters": lambda d: None,
              "lr-wsd-decay-style": lambda d: None, "rope_scaling": lambda d: None,
              # only --sat-selection pps reads it, which older checkpoints could not run
-             "sat-pps-floor": lambda d: SATConfig.pps_floor}
+             "sat-pps-floor": lambda d: SATConfig.pps_floor, "sat-omission-mlp-layers": lambda d: ""}
 
 OVERRIDE_FLAG = "--override-opt_param-scheduler"
 

@@ -269,6 +269,10 @@ class LlamaModel(nn.Module):
         cfg.validate()
         sat = sat if sat is not None else SATState(None, comm)
         check_tensor_parallel(cfg, comm.tp_size, sat.align("mlp"))
+        layer_rates = sat.cfg.mlp_layer_rates if sat.cfg is not None else None
+        if layer_rates is not None and len(layer_rates) != cfg.num_layers:
+            raise SatDistError(f"--sat-omission-mlp-layers: {len(layer_rates)} rates for a model of {cfg.num_layers} "
+                               f"layers; give one rate per layer, layer 0 first")
         self.cfg, self.sat, self.comm, self.recompute = cfg, sat, comm, recompute
         vocab_local = cfg.padded_vocab_size(comm.tp_size) // comm.tp_size
         std = cfg.init_method_std

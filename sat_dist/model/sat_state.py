@@ -18,7 +18,7 @@ import torch
 
 from sat_dist.config import SATConfig
 from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
-from sat_dist.sat.selection import keep_count, pps_units, select_units, selection_generator
+from sat_dist.sat.selection import layer_keep_count, pps_units, select_units, selection_generator
 
 KINDS = ("attn", "mlp")
 ScoresOut = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
@@ -65,7 +65,7 @@ class SATState:
             return self._record(layer, kind, idx, idx.numel(), n_local)
         if self.cfg is None:
             return self._record(layer, kind, None, n_local, n_local)
-        k = keep_count(n_local, self.rates[kind], self.align(kind), self.cfg, kind)
+        k = layer_keep_count(n_local, self.rates[kind], self.align(kind), self.cfg, kind, layer)
         if k >= n_local:
             return self._record(layer, kind, None, n_local, n_local)
         micro = self.micro if self.cfg.granularity == "micro-batch" else 0

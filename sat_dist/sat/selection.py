@@ -3,6 +3,7 @@ probability-proportional-to-size sampling with Horvitz-Thompson weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -35,6 +36,17 @@ def keep_count(n: int, omission: float, align: int, sat: Optional[SATConfig] = N
             if abs(r - omission) <= _EPS:
                 return k
     return _nearest(n, omission, align)
+
+
+def layer_keep_count(n: int, omission: float, align: int, sat: SATConfig, kind: str, layer: int) -> int:
+    """keep_count for one layer: with --sat-omission-mlp-layers, the MLP of `layer` runs at its
+    own rate, scaled by the rung's fraction (`omission` / the headline omission_mlp), and its
+    keep counts come from that rate's own ladder (so its rungs stay distinct too)."""
+    rates = sat.mlp_layer_rates if kind == "mlp" else None
+    if rates is None or omission <= 0.0:
+        return keep_count(n, omission, align, sat, kind)
+    own = rates[layer]
+    return keep_count(n, own * omission / sat.omission_mlp, align, dataclasses.replace(sat, omission_mlp=own), kind)
 
 
 def _nearest(n: int, omission: float, align: int) -> int:

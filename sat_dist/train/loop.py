@@ -19,7 +19,7 @@ from sat_dist.errors import SatDistError
 from sat_dist.faults import fault_point
 from sat_dist.model.comm import ParallelComm
 from sat_dist.sat.schedule import OmissionSchedule
-from sat_dist.sat.selection import keep_count
+from sat_dist.sat.selection import layer_keep_count
 from sat_dist.train.arguments import RunConfig, run_definition
 from sat_dist.train.engine import Engine
 from sat_dist.train.metrics import ExecutedFlops, TensorBoardLog, device_peak_flops
@@ -98,8 +98,11 @@ def keep_counts_line(schedule: OmissionSchedule, model_cfg: ModelConfig, tp_size
         kept, omitted = [], []
         for kind, rate in zip(("attn", "mlp"), rates):
             n, align, what = units[kind]
-            k = keep_count(n, rate, align, cfg, kind)
-            kept.append(f"{kind} {k}/{n} {what}")
+            ks = [layer_keep_count(n, rate, align, cfg, kind, i) for i in range(model_cfg.num_layers)]
+            k = sum(ks) / len(ks)
+            # --sat-omission-mlp-layers: the layers' range and mean
+            counts = f"{ks[0]}" if min(ks) == max(ks) else f"{min(ks)}-{max(ks)} (mean {k:.0f})"
+            kept.append(f"{kind} {counts}/{n} {what}")
             omitted.append(f"{1 - k / n:.3f}")
         rungs.append(f"{rates[0]:.3g}/{rates[1]:.3g} -> {', '.join(kept)} (omitted {'/'.join(omitted)})")
     return "SAT keep counts per TP partition: rung rates attn/mlp " + "; ".join(rungs)
