@@ -80,7 +80,7 @@ class SATConfig:
     layer (empty: every layer at omission_mlp). Each in [0, 1) (0: the layer stays dense), and
     omission_mlp must be their mean: it stays the run's headline rate, and every rung of the
     ladder scales each layer's rate by the same fraction. Uneven rates at the same mean: on
-    SmolLM2-135M layer 0's channels cost ten times any other layer's (docs/EXPERIMENTS.md);
+    SmolLM2-135M layer 0's channels cost 6 to 24 times a middle layer's (docs/EXPERIMENTS.md);
     tools/sat_fidelity.py --per-layer measures a model's layers and proposes the rates."""
 
     schedule: str = "ladder"

@@ -86,3 +86,20 @@ def test_checkpoint_io_benchmark_counts_what_the_save_moves(tmp_path):
     assert sum(x["moved"] for x in r["runs"]["save"]) == sum(12 * math.ceil(n / 2) for n in numels)
     assert sum(n for f, n in r["files"].items() if f.startswith("state_")) >= 12 * sum(numels)
     assert sum(x["read"] for x in r["runs"]["load_tp1"]) >= 0.9 * r["checkpoint_bytes"]
+
+
+def test_step_benchmark_runs_per_layer_rates_with_the_training_keep_counts(tmp_path):
+    """--sat-omission-mlp-layers: an MLP rate m runs each layer at its own rate times m / the
+    rates' mean, with a ladder run's keep counts. Layers 0 / 0.5 / 0.75 of 768 channels (align
+    64): at the mean 5/12 they keep 768, 384, 192; at 3/4 of it (0.3125) 768, 512, 320 (the
+    layers' own ladder rates 0.375 and 0.5625: 480 and 336 to the nearest multiple of 64)."""
+    from tools.bench_step import main as bench_step
+
+    out = tmp_path / "step.json"
+    assert bench_step(["--width", "tiny", "--layers", "3", "--vocab", "512", "--seq", "32", "--ranks", "1",
+                       "--rounds", "1", "--warmup", "0", "--align-mlp", "64", "--sat-omission-mlp-layers", "0,0.5,0.75",
+                       "--omissions", "0,0.416667", "0,0.3125", "--out", str(out)]) == 0
+    _, full, rung = json.loads(out.read_text())["sat_dist"]["settings"]
+    assert full["keep_fraction_mlp"] == pytest.approx((768 + 384 + 192) / (3 * 768))
+    assert rung["keep_fraction_mlp"] == pytest.approx((768 + 512 + 320) / (3 * 768))
+    assert full["keep_fraction_attn"] == rung["keep_fraction_attn"] == 1.0

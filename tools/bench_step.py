@@ -76,6 +76,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sat-sparse-pass", default=None,
                    help="--sat-sparse-pass of sat_dist (both, backward, weight-grad)")
     p.add_argument("--sat-token-stride", type=int, default=None, help="--sat-token-stride of sat_dist")
+    p.add_argument("--sat-omission-mlp-layers", default=None,
+                   help="--sat-omission-mlp-layers of sat_dist: one MLP rate per layer; an --omissions MLP rate m "
+                        "then runs every layer at its own rate times m / (the rates' mean), with the keep counts "
+                        "of a ladder run (so m at the mean and at its rungs times the training's)")
     p.add_argument("--rounds", type=int, default=4, help="measured rounds (one step per setting each)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     p.add_argument("--peer", action="store_true", help="also run transformers' LlamaForCausalLM")
@@ -187,7 +191,11 @@ def worker(a) -> int:
                                     ("selection", a.sat_selection), ("compensation", a.sat_compensation),
                                     ("sparse_pass", a.sat_sparse_pass), ("token_stride", a.sat_token_stride))
                   if v}
-        sat_cfg = SATConfig(schedule="constant", align_mlp=a.align_mlp, **sat_kw).validate()
+        if a.sat_omission_mlp_layers:
+            rates = SATConfig(omission_mlp_layers=a.sat_omission_mlp_layers).mlp_layer_rates
+            sat_kw.update(schedule="ladder", omission_mlp_layers=a.sat_omission_mlp_layers,
+                          omission_mlp=sum(rates) / len(rates))
+        sat_cfg = SATConfig(**{"schedule": "constant", **sat_kw}, align_mlp=a.align_mlp).validate()
         from sat_dist.train.engine import build_engine
 
         eng = build_engine(cfg, sat_cfg, t, comm)

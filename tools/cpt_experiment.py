@@ -88,6 +88,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "layers-0.33": ("MLP 0.333 in both passes on average, per-layer rates calibrated on the starting model, "
                     "activation metric, top-k",
                     sat("activation", "topk", "0", "0.333333", "--sat-omission-mlp-layers", LAYERS_033)),
+    "layers-0.33-comp": ("as layers-0.33, fluctuation metric and the omitted channels' means added back",
+                         sat("fluctuation", "topk", "0", "0.333333", "--sat-omission-mlp-layers", LAYERS_033,
+                             "--sat-compensation", "mean")),
     "comp-0.3": ("MLP 0.3 in both passes, fluctuation metric, omitted channels' means added back, top-k",
                  sat("fluctuation", "topk", "0", "0.3", "--sat-compensation", "mean")),
     # Replay (issue [H]), run after the LR schedule took Megatron's definition (step 0 at the

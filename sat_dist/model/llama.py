@@ -19,13 +19,14 @@ sat_dist.model.layout; everything else reads it from there.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sat_dist.config import ModelConfig
+from sat_dist.config import ModelConfig, SATConfig
 from sat_dist.errors import SatDistError
 from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.model.layout import layout_of
@@ -34,6 +35,14 @@ from sat_dist.model.sat_state import SATState
 from sat_dist.model.sparse_ops import backward_sparse_mlp, kept_linear
 from sat_dist.sat.compensation import omitted_mean_bias
 from sat_dist.sat.importance import attention_scores, mlp_scores, mlp_scores_and_mean
+
+
+def check_layer_rates(cfg: ModelConfig, sat: Optional[SATConfig]) -> None:
+    """--sat-omission-mlp-layers names one rate per layer of this model."""
+    rates = sat.mlp_layer_rates if sat is not None else None
+    if rates is not None and len(rates) != cfg.num_layers:
+        raise SatDistError(f"--sat-omission-mlp-layers: {len(rates)} rates for a model of {cfg.num_layers} "
+                           f"layers; give one rate per layer, layer 0 first")
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, align_mlp: int = 1) -> None:
@@ -269,10 +278,7 @@ class LlamaModel(nn.Module):
         cfg.validate()
         sat = sat if sat is not None else SATState(None, comm)
         check_tensor_parallel(cfg, comm.tp_size, sat.align("mlp"))
-        layer_rates = sat.cfg.mlp_layer_rates if sat.cfg is not None else None
-        if layer_rates is not None and len(layer_rates) != cfg.num_layers:
-            raise SatDistError(f"--sat-omission-mlp-layers: {len(layer_rates)} rates for a model of {cfg.num_layers} "
-                               f"layers; give one rate per layer, layer 0 first")
+        check_layer_rates(cfg, sat.cfg)
         self.cfg, self.sat, self.comm, self.recompute = cfg, sat, comm, recompute
         vocab_local = cfg.padded_vocab_size(comm.tp_size) // comm.tp_size
         std = cfg.init_method_std

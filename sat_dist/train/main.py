@@ -72,7 +72,7 @@ class RunPlan:
 def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
     """Parse and check everything that needs no process group (raises SatDistError)."""
     from sat_dist.checkpoint.state import check_resume, check_save_dir
-    from sat_dist.model.llama import check_tensor_parallel
+    from sat_dist.model.llama import check_layer_rates, check_tensor_parallel
     from sat_dist.parallel.state import data_parallel_size, launch_world_size
     from sat_dist.train.arguments import parse_args, run_definition
     from sat_dist.train.engine import deepspeed_config
@@ -90,6 +90,7 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
     model_cfg, hf_sd = _model(run)
     tp = t.tensor_model_parallel_size
     check_tensor_parallel(model_cfg, tp, run.sat.align_mlp if run.sat.enabled else 1)
+    check_layer_rates(model_cfg, run.sat)
     dp = data_parallel_size(launch_world_size(), tp)
     ds = deepspeed_config(t, dp)
     datasets = None if embedded else open_datasets(t, model_cfg, dp)
