@@ -38,6 +38,18 @@ WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
 
+@functools.lru_cache(maxsize=32)
+def _parse_layer_rates(text: str) -> Optional[tuple[float, ...]]:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SatDistError(f"sat.omission_mlp_layers: got {text!r}; allowed: comma-separated numbers in [0, 1), "
+                           f"one per layer (e.g. 0,0.4,0.4)") from None
+
+
 @dataclass
 class SATConfig:
     """Settings of Sparsity-Accelerated Training (see docs/SAT.md)."""
@@ -132,15 +144,16 @@ class SATConfig:
 
     @property
     def mlp_layer_rates(self) -> Optional[tuple[float, ...]]:
-        """omission_mlp_layers as numbers (None when empty: every layer at omission_mlp)."""
-        text = self.omission_mlp_layers.strip() if isinstance(self.omission_mlp_layers, str) else ""
-        if not text:
-            return None
-        try:
-            return tuple(float(v) for v in text.split(","))
-        except ValueError:
-            raise SatDistError(f"sat.omission_mlp_layers: got {self.omission_mlp_layers!r}; allowed: comma-separated "
-                               f"numbers in [0, 1), one per layer (e.g. 0,0.4,0.4)") from None
+        """omission_mlp_layers as numbers (None when empty: every layer at omission_mlp). Read
+        by every layer's keep count in every forward, so the parse is cached."""
+        return _parse_layer_rates(self.omission_mlp_layers if isinstance(self.omission_mlp_layers, str) else "")
+
+    def with_mlp_layer_rates(self, text: str) -> "SATConfig":
+        """This config with per-layer MLP rates `text` and the headline rate set to their mean."""
+        rates = _parse_layer_rates(text)
+        if rates is None:
+            return dataclasses.replace(self, omission_mlp_layers="")
+        return dataclasses.replace(self, omission_mlp_layers=text, omission_mlp=sum(rates) / len(rates))
 
     @property
     def enabled(self) -> bool:

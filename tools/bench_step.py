@@ -191,11 +191,10 @@ def worker(a) -> int:
                                     ("selection", a.sat_selection), ("compensation", a.sat_compensation),
                                     ("sparse_pass", a.sat_sparse_pass), ("token_stride", a.sat_token_stride))
                   if v}
-        if a.sat_omission_mlp_layers:
-            rates = SATConfig(omission_mlp_layers=a.sat_omission_mlp_layers).mlp_layer_rates
-            sat_kw.update(schedule="ladder", omission_mlp_layers=a.sat_omission_mlp_layers,
-                          omission_mlp=sum(rates) / len(rates))
-        sat_cfg = SATConfig(**{"schedule": "constant", **sat_kw}, align_mlp=a.align_mlp).validate()
+        # per-layer rates: a ladder run's keep counts at the --omissions rates (the rungs')
+        schedule = "ladder" if a.sat_omission_mlp_layers else "constant"
+        sat_cfg = SATConfig(schedule=schedule, align_mlp=a.align_mlp, **sat_kw)
+        sat_cfg = sat_cfg.with_mlp_layer_rates(a.sat_omission_mlp_layers or "").validate()
         from sat_dist.train.engine import build_engine
 
         eng = build_engine(cfg, sat_cfg, t, comm)

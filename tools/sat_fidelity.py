@@ -77,12 +77,9 @@ def parse_setting(text: str) -> SATConfig:
             values[field] = kind(value.strip())
         except ValueError:
             raise SatDistError(f"--setting {text!r}: {key}={value!r} is not a {kind.__name__}")
-    if "omission_mlp_layers" in values:  # layers=0:0.5:0.75 (a comma separates the keys)
-        values["omission_mlp_layers"] = values["omission_mlp_layers"].replace(":", ",")
-        if "omission_mlp" not in values:  # the headline rate is the layers' mean
-            rates = SATConfig(omission_mlp_layers=values["omission_mlp_layers"]).mlp_layer_rates
-            values["omission_mlp"] = sum(rates) / len(rates)
-    cfg = dataclasses.replace(SATConfig(), schedule="constant", **values)
+    layers = values.pop("omission_mlp_layers", "").replace(":", ",")  # layers=0:0.5 (a comma separates keys)
+    cfg = SATConfig(schedule="constant").with_mlp_layer_rates(layers)  # the headline rate: their mean
+    cfg = dataclasses.replace(cfg, **values)  # unless mlp= sets it
     cfg.validate()
     return cfg
 
@@ -153,8 +150,7 @@ def parse_rates(text: str, flag: str) -> list[float]:
 
 def with_layer_rates(base: SATConfig, rates: list[float]) -> SATConfig:
     """`base` with one MLP rate per layer (the headline rate their mean)."""
-    return dataclasses.replace(base, omission_mlp=sum(rates) / len(rates),
-                               omission_mlp_layers=",".join(f"{r:.6g}" for r in rates)).validate()
+    return base.with_mlp_layer_rates(",".join(f"{r:.6g}" for r in rates)).validate()
 
 
 def effective_mlp_omission(cfg: SATConfig, ffn: int, layers: int) -> float:
