@@ -34,6 +34,7 @@ SELECTIONS = ("sampling", "topk", "pps")
 SCHEDULES = ("ladder", "constant", "dense")
 GRANULARITIES = ("step", "micro-batch")
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
+COMM_SPARSE_CHOICES = ("auto", "on", "off")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
@@ -457,6 +458,12 @@ class TrainConfig:
     """HF Llama directory with the initial weights (continual pre-training)."""
     ds_config: Optional[str] = None
     """DeepSpeed JSON config (ZeRO stage, offload); batch/clip/bf16/optimizer come from flags."""
+    sat_comm_sparse: str = "auto"
+    """Comm-sparse ZeRO-3 for SAT's weights: gather and reduce only the kept rows of the
+    attention and MLP weights over the data-parallel group (docs/SAT.md). on: required (an
+    error where it cannot run); off: DeepSpeed gathers and reduces them whole; auto: on
+    wherever it can run (ZeRO-3, SAT on, --sat-sparse-pass both, no compensation, no
+    parameter offload). An execution choice, not part of the run definition."""
     max_nonfinite_steps: int = 5
     """Stop after this many non-finite (NaN/Inf) steps in a row; each one is skipped."""
     exit_interval: int = 0
@@ -524,6 +531,8 @@ class TrainConfig:
         return self
 
     def _validate_lr_schedule(self) -> None:
+        if self.sat_comm_sparse not in COMM_SPARSE_CHOICES:
+            raise SatDistError(f"--sat-comm-sparse: got {self.sat_comm_sparse}; allowed: {', '.join(COMM_SPARSE_CHOICES)}")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise SatDistError(f"--lr-decay-style: got {self.lr_decay_style}; allowed: {', '.join(LR_DECAY_STYLES)}")
         if self.lr_wsd_decay_style not in WSD_DECAY_STYLES:
@@ -642,5 +651,5 @@ def _is_number(v) -> bool:
 
 
 __all__ = ["SATConfig", "ModelConfig", "TrainConfig", "METRICS", "SELECTIONS", "SCHEDULES", "GRANULARITIES",
-           "LR_DECAY_STYLES", "WSD_DECAY_STYLES", "SAT_CHOICES", "MODEL_CONFIG_DIR", "model_config_path",
+           "LR_DECAY_STYLES", "COMM_SPARSE_CHOICES", "WSD_DECAY_STYLES", "SAT_CHOICES", "MODEL_CONFIG_DIR", "model_config_path",
            "valid_data_sets", "field_docs", "load_fields", "read_json_object"]

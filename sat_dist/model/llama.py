@@ -32,7 +32,7 @@ from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.model.layout import layout_of
 from sat_dist.model.rope import inverse_frequencies, rope_scaling_key
 from sat_dist.model.sat_state import SATState
-from sat_dist.model.sparse_ops import backward_sparse_mlp, kept_linear
+from sat_dist.model.sparse_ops import backward_sparse_mlp, kept_linear, unit_rows
 from sat_dist.sat.compensation import omitted_mean_bias
 from sat_dist.sat.importance import attention_scores, mlp_scores, mlp_scores_and_mean
 
@@ -113,6 +113,9 @@ class SATAttention(nn.Module):
         std = cfg.init_method_std
         self.qkv_weight = _init_weight(self.groups * (self.r + 2) * self.d, self.h, std=std)
         self.proj_weight = _init_weight(self.groups * self.r * self.d, self.h, std=std)
+        self.row_zero = None
+        """Comm-sparse ZeRO-3 (sat_dist.parallel.row_sparse_zero), or None: the weights are
+        then used whole, as DeepSpeed gathered them."""
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,13 +123,21 @@ class SATAttention(nn.Module):
         # position_ids [b, s] or None: 0..s-1
         b, s, h = x.shape
         r, d = self.r, self.d
-        kept = self.sat.kept_units(
-            self.layer, "attn", self.groups, x.device,
-            lambda gen, stride: attention_scores(
-                self.sat.cfg.metric, x, self.qkv_weight, self.proj_weight, r, d,
-                self.comm.reduce_over_dp, gen, stride))
+        zero = self.row_zero
+        if zero is None:
+            def score(gen, stride):
+                return attention_scores(self.sat.cfg.metric, x, self.qkv_weight, self.proj_weight, r, d,
+                                        self.comm.reduce_over_dp, gen, stride)
+        else:
+            def score(gen, stride):
+                return zero.attention_scores(x, self.qkv_weight, self.proj_weight, r, d, self.comm.reduce_over_dp,
+                                             gen, stride)
+        kept = self.sat.kept_units(self.layer, "attn", self.groups, x.device, score)
         x = self.comm.copy_to_tp(x)
-        if kept is None:
+        if zero is not None:
+            g = self.groups if kept is None else kept.numel()
+            qkv = zero.linear(x, self.qkv_weight, None if kept is None else unit_rows(kept, (r + 2) * d))
+        elif kept is None:
             g = self.groups
             qkv = F.linear(x, self.qkv_weight)
         else:
@@ -152,7 +163,9 @@ class SATAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                              enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, s, g * r * d)  # [b, s, g*r*d]
-        if kept is None:
+        if zero is not None:
+            y = zero.linear(out, self.proj_weight, None if kept is None else unit_rows(kept, r * d), kept_in=True)
+        elif kept is None:
             y = torch.matmul(out, self.proj_weight)  # [b, s, h] partial over TP
         else:
             y = kept_linear(out, self.proj_weight, kept, unit_rows=r * d, kept_in=True)
@@ -168,8 +181,13 @@ class SATMLP(nn.Module):
         self.layer, self.sat, self.comm = layer, sat, comm
         self.fc1_weight = _init_weight(2 * self.f, self.h, std=cfg.init_method_std)
         self.fc2_weight = _init_weight(self.f, self.h, std=cfg.init_method_std)
+        self.row_zero = None
+        """Comm-sparse ZeRO-3 (sat_dist.parallel.row_sparse_zero), or None: the weights are
+        then used whole, as DeepSpeed gathered them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
+        if self.row_zero is not None:
+            return self._forward_row_sparse(x)
         if self.sat.mlp_backward_only:
             return self._forward_dense_backward_sparse(x)
         compensate = self.sat.compensate_mlp
@@ -190,6 +208,20 @@ class SATMLP(nn.Module):
         if mean is not None:
             # A constant of the step: the omitted channels' weights get no gradient from it.
             y = y + omitted_mean_bias(mean, kept, self.fc2_weight).to(y.dtype)  # [h] partial over TP
+        return self.comm.reduce_from_tp(y)
+
+    def _forward_row_sparse(self, x: torch.Tensor) -> torch.Tensor:
+        # Under comm-sparse ZeRO-3 only the kept rows are gathered, and only their gradients
+        # reduced (no compensation, no dense forward: sat_dist.parallel.row_sparse_zero).
+        zero = self.row_zero
+        kept = self.sat.kept_units(
+            self.layer, "mlp", self.f, x.device,
+            lambda gen, stride: zero.mlp_scores(x, self.fc1_weight, self.fc2_weight, self.comm.reduce_over_dp,
+                                                gen, stride))
+        x = self.comm.copy_to_tp(x)
+        fc1_rows = None if kept is None else torch.cat((kept, kept + self.f))  # gate rows, then up rows
+        gate, up = zero.linear(x, self.fc1_weight, fc1_rows).chunk(2, dim=-1)  # [b, s, k] each
+        y = zero.linear(F.silu(gate) * up, self.fc2_weight, kept, kept_in=True)  # [b, s, h] partial over TP
         return self.comm.reduce_from_tp(y)
 
     def _forward_dense_backward_sparse(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,8 +251,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), attn_mask, position_ids)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+        attn, mlp = self.self_attention, self.mlp
+        if mlp.row_zero is not None:
+            # Comm-sparse ZeRO-3 gathers these modules' weights itself (kept rows only):
+            # calling forward directly skips DeepSpeed's module hooks, which would gather
+            # them whole.
+            attn, mlp = attn.forward, mlp.forward
+        x = x + attn(self.input_layernorm(x), attn_mask, position_ids)
+        return x + mlp(self.pre_mlp_layernorm(x))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -27,6 +27,13 @@ def _gather(weight: torch.Tensor, idx: torch.Tensor, unit_rows: int) -> torch.Te
     return weight.view(-1, unit_rows * h).index_select(0, idx).view(-1, h)
 
 
+def unit_rows(idx: torch.Tensor, rows_per_unit: int) -> torch.Tensor:
+    """[k * rows_per_unit]: the row indices of units `idx` (sorted) of a weight viewed as
+    [units, rows_per_unit, h], in order."""
+    offsets = torch.arange(rows_per_unit, device=idx.device)
+    return (idx.unsqueeze(1) * rows_per_unit + offsets).reshape(-1)
+
+
 def unit_positions(idx: torch.Tensor, n: int) -> torch.Tensor:
     """[n]: the position of each unit in `idx` (unique), or len(idx) for omitted units.
     No host sync."""

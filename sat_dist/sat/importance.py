@@ -88,14 +88,17 @@ def mlp_scores_and_mean(metric: str, x: torch.Tensor, fc1: torch.Tensor, fc2: to
 
 
 @torch.no_grad()
-def mlp_scores(metric: str, x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor,
+def mlp_scores(metric: str, x: torch.Tensor, fc1: torch.Tensor | None, fc2: torch.Tensor | None,
                reduce: Reduce = no_reduce, generator: torch.Generator | None = None,
-               token_stride: int = 1, activations: torch.Tensor | None = None) -> torch.Tensor:
+               token_stride: int = 1, activations: torch.Tensor | None = None,
+               down_norms: torch.Tensor | None = None) -> torch.Tensor:
     """Scores [n] of the n MLP channels held here. x: [..., h] input of the MLP.
     activations: the channels' activations [..., n] when the caller has them already (the
     dense forward of --sat-sparse-pass backward); activation and fluctuation then use them
-    instead of recomputing the gate and up products."""
-    n = fc2.shape[0]
+    instead of recomputing the gate and up products. down_norms [n]: the norms of W_down's
+    columns when the caller has them (comm-sparse ZeRO-3, which has no whole weights; with
+    activations given, fc1 and fc2 may then be None)."""
+    n = fc2.shape[0] if down_norms is None else down_norms.shape[0]
     if metric == "random":
         return torch.rand(n, generator=generator, device=fc2.device)
     if metric == "magnitude":
@@ -116,21 +119,29 @@ def mlp_scores(metric: str, x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tenso
         # so ||a_j|| over tokens times ||W_down[:, j]|| is the norm of exactly what omitting
         # j removes. maxip sees only the gate's pre-activation.
         a = _scored_activations(x, fc1, n, token_stride, activations)  # [tokens, n]
+        w_down = fc2.float().norm(dim=1) if down_norms is None else down_norms
         if metric == "fluctuation":
             # FLAP's fluctuation: what omitting j removes once its mean is added back
-            return channel_moments(a, reduce)[1].sqrt() * fc2.float().norm(dim=1)
-        return reduce(a.pow(2).sum(0), "sum").sqrt() * fc2.float().norm(dim=1)
+            return channel_moments(a, reduce)[1].sqrt() * w_down
+        return reduce(a.pow(2).sum(0), "sum").sqrt() * w_down
     raise ValueError(f"unknown importance metric {metric!r}")
 
 
 @torch.no_grad()
-def attention_scores(metric: str, x: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor,
+def attention_scores(metric: str, x: torch.Tensor, qkv: torch.Tensor | None, o: torch.Tensor | None,
                      heads_per_group: int, head_dim: int, reduce: Reduce = no_reduce,
                      generator: torch.Generator | None = None,
-                     token_stride: int = 1) -> torch.Tensor:
+                     token_stride: int = 1, values: torch.Tensor | None = None,
+                     out_norms: torch.Tensor | None = None) -> torch.Tensor:
     """Scores [G] of the G attention units (KV groups) held here. x: [..., h] input of the
-    attention projections."""
+    attention projections. values [tokens, G*d] (the scored tokens' value projections) and
+    out_norms [G] (each group's W_o norm): what activation needs, when the caller has them
+    without whole weights (comm-sparse ZeRO-3; qkv and o may then be None)."""
     r, d = heads_per_group, head_dim
+    if values is not None and metric in ("activation", "fluctuation"):
+        G = out_norms.shape[0]
+        v = values.float().view(-1, G, d)
+        return reduce(v.pow(2).sum((0, 2)), "sum").sqrt() * out_norms
     h = qkv.shape[1]
     groups = qkv.view(-1, (r + 2) * d, h)  # [G, (r+2)d, h]
     G = groups.shape[0]

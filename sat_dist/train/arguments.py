@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from sat_dist.config import (
+    COMM_SPARSE_CHOICES,
     LR_DECAY_STYLES,
     MODEL_CONFIG_DIR,
     SAT_CHOICES,
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reset-attention-mask", action="store_true", default=t.reset_attention_mask)
     a("--eod-mask-loss", action="store_true", default=t.eod_mask_loss)
     a("--ds_config", "--deepspeed_config", "--ds-config", dest="ds_config", default=t.ds_config)
+    a("--sat-comm-sparse", choices=COMM_SPARSE_CHOICES, default=t.sat_comm_sparse)
     a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
     a("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # accepted for compatibility
     docs = field_docs(TrainConfig)

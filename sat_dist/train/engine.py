@@ -20,6 +20,7 @@ from sat_dist.model.comm import ParallelComm
 from sat_dist.model.layout import layout_of
 from sat_dist.model.llama import LlamaModel
 from sat_dist.model.sat_state import SATState
+from sat_dist.parallel.row_sparse_zero import RowSparseZero, unsupported_reason
 from sat_dist.parallel.state import MegatronMPU, hpz_partition_group
 from sat_dist.parallel.zero import init_fp32_masters, load_local_weights
 from sat_dist.train.lr import schedule_of
@@ -170,6 +171,7 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     ds = ds_config if ds_config is not None else deepspeed_config(t, comm.dp_size)
     sat = SATState(sat_cfg if sat_cfg.enabled else None, comm)
     stage3 = zero_stage(ds) == 3
+    row_sparse = comm_sparse_wanted(t.sat_comm_sparse, sat_cfg, ds)
     # Same seed on every DP replica of a TP partition (ZeRO-3 keeps one rank's init); a
     # different one per TP rank so that shards are not copies of each other.
     torch.manual_seed(t.seed + 1009 * comm.tp_rank)
@@ -205,7 +207,27 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     if hf_state_dict is not None and t.bf16:
         # The bf16 parameters hold the checkpoint rounded; the masters take its own values.
         init_fp32_masters(model, local, comm, stage3)
+    if row_sparse:
+        use_row_sparse_zero(model, RowSparseZero(engine.optimizer, comm.dp_group, sat_cfg.metric))
     return Engine(engine, model, sat, ds, ds["gradient_accumulation_steps"])
+
+
+def comm_sparse_wanted(mode: str, sat_cfg: SATConfig, ds: dict) -> bool:
+    """Whether --sat-comm-sparse MODE turns comm-sparse ZeRO-3 on for this run; "on" where it
+    cannot run is an error naming why."""
+    if mode == "off":
+        return False
+    reason = unsupported_reason(sat_cfg, ds)
+    if reason is not None and mode == "on":
+        raise SatDistError(f"--sat-comm-sparse on: cannot run because {reason}; use --sat-comm-sparse auto or off")
+    return reason is None
+
+
+def use_row_sparse_zero(model: LlamaModel, zero: RowSparseZero) -> None:
+    """Let every SAT module gather and reduce its weights through `zero` (kept rows only)."""
+    for layer in model.layers:
+        layer.self_attention.row_zero = zero
+        layer.mlp.row_zero = zero
 
 
 def optimizer_param_groups(model: LlamaModel) -> list[dict]:
