@@ -76,6 +76,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sat-sparse-pass", default=None,
                    help="--sat-sparse-pass of sat_dist (both, backward, weight-grad)")
     p.add_argument("--sat-token-stride", type=int, default=None, help="--sat-token-stride of sat_dist")
+    p.add_argument("--sat-comm-sparse", choices=["auto", "on", "off"], default="auto",
+                   help="--sat-comm-sparse of sat_dist (comm-sparse ZeRO-3 for SAT's weights)")
     p.add_argument("--sat-omission-mlp-layers", default=None,
                    help="--sat-omission-mlp-layers of sat_dist: one MLP rate per layer; an --omissions MLP rate m "
                         "then runs every layer at its own rate times m / (the rates' mean), with the keep counts "
@@ -157,6 +159,23 @@ def summary(report: dict) -> str:
                 f"| {r['fraction_of_ideal']:.3f} | {r['peak_memory_gb']:.2f} "
                 f"| {r['forward_s']:.2f} / {r['backward_s']:.2f} / {r['optimizer_s']:.2f} "
                 f"| {r['comm_zero_s']:.2f} / {r['comm_tp_s']:.2f} |")
+    lines += ["", "ZeRO bytes sent per rank per step, MB (ring accounting; the instrumented step):",
+              "| arm | omission attn,mlp | forward gather | backward gather | gradient reduce | other "
+              "(scoring, optimizer step) | total | of dense | ZeRO comm s, of dense |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arm in ("sat_dist", "peer"):
+        rows = report.get(arm, {}).get("settings", [])
+        dense_total = dense_comm = None
+        for r in rows:
+            b = r.get("zero_bytes_per_rank", {})
+            fg, bg, gr = b.get("forward_gather", 0), b.get("backward_gather", 0), b.get("backward_reduce", 0)
+            total = sum(b.values())
+            other = total - fg - bg - gr
+            if dense_total is None:
+                dense_total, dense_comm = total or 1, r["comm_zero_s"] or 1.0
+            lines.append(f"| {arm} | {r['omission'][0]},{r['omission'][1]} | {fg / 1e6:.0f} | {bg / 1e6:.0f} "
+                         f"| {gr / 1e6:.0f} | {other / 1e6:.0f} | {total / 1e6:.0f} | {total / dense_total:.3f} "
+                         f"| {r['comm_zero_s']:.2f}, {r['comm_zero_s'] / dense_comm:.3f} |")
     if "dense_vs_peer_tokens_per_s" in report:
         lines.append(f"sat_dist dense / peer tokens/s: {report['dense_vs_peer_tokens_per_s']}")
     return "\n".join(lines)
@@ -185,7 +204,8 @@ def worker(a) -> int:
     t = TrainConfig(tensor_model_parallel_size=comm.tp_size, micro_batch_size=a.micro_batch,
                     global_batch_size=a.global_batch, seq_length=a.seq, train_iters=10**6, lr=1e-5,
                     min_lr=0.0, lr_warmup_iters=0, lr_decay_style="constant", bf16=a.dtype == "bf16",
-                    recompute_activations=a.recompute, ds_config=a.ds_config)
+                    recompute_activations=a.recompute, ds_config=a.ds_config,
+                    sat_comm_sparse=a.sat_comm_sparse if a.worker == "sat_dist" else "off")
     if a.worker == "sat_dist":
         sat_kw = {k: v for k, v in (("granularity", a.sat_granularity), ("metric", a.sat_metric),
                                     ("selection", a.sat_selection), ("compensation", a.sat_compensation),
@@ -225,14 +245,17 @@ def worker(a) -> int:
             if sat is not None:
                 sat.set_step(step[0], micro, attn, mlp)
             x, y = ids[:, :-1].to(dev), ids[:, 1:].to(dev)
+            comm_timer.phase = "forward"
             t0 = _now(dev)
             if sat is not None:
                 loss = engine(x, y).float().mean()
             else:
                 loss = engine(input_ids=x, labels=x).loss  # transformers shifts the labels itself
             t1 = _now(dev)
+            comm_timer.phase = "backward"
             engine.backward(loss)
             t2 = _now(dev)
+            comm_timer.phase = "step"
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
             t3 = _now(dev)
             phases["forward_s"] += t1 - t0
@@ -293,6 +316,7 @@ def worker(a) -> int:
                                  "step_s": [round(x, 4) for x in times], "median_step_s": med,
                                  "tokens_per_s": gbs * a.seq / med, **phase,
                                  "comm_zero_s": c.get("zero", 0.0), "comm_tp_s": c.get("tp", 0.0),
+                                 "zero_bytes_per_rank": c.get("bytes", {}),
                                  "instrumented_step_s": c["step_s"],
                                  "peak_memory_gb": max(r[str(s)]["peak"] for r in everyone) / 2**30,
                                  "dense_flops": dense_flops, "executed_flops": executed,
@@ -368,12 +392,18 @@ class CommTimer:
         self.tp_group = tp_group
         self.saved: list = []
         self.totals: dict = {}
+        self.bytes: dict = {}
+        self.phase = "forward"
 
     def _wrap(self, fn):
+        name = getattr(fn, "__name__", "")
+
         def timed(*args, **kwargs):
             import torch.distributed as dist
 
             group = kwargs.get("group")
+            if group is None or group is not self.tp_group:
+                self._count(name, args, kwargs, dist.get_world_size(group))
             t0 = time.perf_counter()
             work = fn(*args, **kwargs)
             if kwargs.get("async_op", False) and work is not None:
@@ -387,11 +417,36 @@ class CommTimer:
             return work
         return timed
 
+    def _count(self, name: str, args, kwargs, world: int) -> None:
+        """Bytes this rank sends in a ZeRO collective, as a ring algorithm moves them
+        (all-gather and reduce-scatter: (q-1)/q of the whole buffer; all-reduce: twice that),
+        by what it is for: gathers (all-gather, broadcast) and reduces, in forward, backward
+        and the optimizer step."""
+        import torch
+
+        tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        tensors += [t for v in list(args) + list(kwargs.values()) if isinstance(v, (list, tuple))
+                    for t in v if isinstance(t, torch.Tensor)]
+        if not tensors or world <= 1:
+            return
+        big = max(t.numel() * t.element_size() for t in tensors)
+        if "all_reduce" in name:
+            kind, sent = "reduce", 2 * (world - 1) * big // world
+        elif "reduce_scatter" in name:
+            kind, sent = "reduce", (world - 1) * big // world
+        elif "broadcast" in name:
+            kind, sent = "gather", big
+        else:  # all-gathers: the output is the whole buffer
+            kind, sent = "gather", (world - 1) * big // world
+        key = f"{self.phase}_{kind}"
+        self.bytes[key] = self.bytes.get(key, 0) + sent
+
     def install(self) -> None:
         import torch.distributed as dist
         import torch.distributed.distributed_c10d as c10d
 
         self.totals = {}
+        self.bytes = {}
         try:
             # DeepSpeed's backend keeps its own references to the all-gather and
             # reduce-scatter functions; the module attributes below do not reach those.
@@ -416,7 +471,7 @@ class CommTimer:
         for obj, name, fn in reversed(self.saved):
             setattr(obj, name, fn)
         self.saved = []
-        return dict(self.totals)
+        return dict(self.totals, bytes=dict(self.bytes))
 
 
 class PeakMemory:

@@ -117,13 +117,19 @@ class SATAttention(nn.Module):
         """Comm-sparse ZeRO-3 (sat_dist.parallel.row_sparse_zero), or None: the weights are
         then used whole, as DeepSpeed gathered them."""
 
+    def gathers_own_rows(self) -> bool:
+        """The weights are gathered by row_zero, kept rows only, in every step (also those
+        that keep all units: were DeepSpeed to gather them in some steps only, its
+        prefetcher would follow a module order that changes from step to step)."""
+        return self.row_zero is not None
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         # x [b, s, h]; attn_mask bool [b, 1, s, s] (True: may attend) or None: causal;
         # position_ids [b, s] or None: 0..s-1
         b, s, h = x.shape
         r, d = self.r, self.d
-        zero = self.row_zero
+        zero = self.row_zero if self.gathers_own_rows() else None
         if zero is None:
             def score(gen, stride):
                 return attention_scores(self.sat.cfg.metric, x, self.qkv_weight, self.proj_weight, r, d,
@@ -185,8 +191,12 @@ class SATMLP(nn.Module):
         """Comm-sparse ZeRO-3 (sat_dist.parallel.row_sparse_zero), or None: the weights are
         then used whole, as DeepSpeed gathered them."""
 
+    def gathers_own_rows(self) -> bool:
+        """This step, the kept rows are gathered by row_zero (see SATAttention's)."""
+        return self.row_zero is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
-        if self.row_zero is not None:
+        if self.gathers_own_rows():
             return self._forward_row_sparse(x)
         if self.sat.mlp_backward_only:
             return self._forward_dense_backward_sparse(x)
@@ -252,11 +262,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         attn, mlp = self.self_attention, self.mlp
-        if mlp.row_zero is not None:
-            # Comm-sparse ZeRO-3 gathers these modules' weights itself (kept rows only):
-            # calling forward directly skips DeepSpeed's module hooks, which would gather
-            # them whole.
-            attn, mlp = attn.forward, mlp.forward
+        # Under comm-sparse ZeRO-3 the SAT modules gather their kept rows themselves: calling
+        # their forward directly skips DeepSpeed's module hooks, which would gather the
+        # weights whole.
+        if attn.gathers_own_rows():
+            attn = attn.forward
+        if mlp.gathers_own_rows():
+            mlp = mlp.forward
         x = x + attn(self.input_layernorm(x), attn_mask, position_ids)
         return x + mlp(self.pre_mlp_layernorm(x))
 
