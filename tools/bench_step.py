@@ -176,6 +176,17 @@ def summary(report: dict) -> str:
             lines.append(f"| {arm} | {r['omission'][0]},{r['omission'][1]} | {fg / 1e6:.0f} | {bg / 1e6:.0f} "
                          f"| {gr / 1e6:.0f} | {other / 1e6:.0f} | {total / 1e6:.0f} | {total / dense_total:.3f} "
                          f"| {r['comm_zero_s']:.2f}, {r['comm_zero_s'] / dense_comm:.3f} |")
+    rows = [r for r in report.get("sat_dist", {}).get("settings", []) if r.get("sat_weight_bytes_per_rank")]
+    if rows:
+        lines += ["", "SAT weights through comm-sparse ZeRO-3, MB per rank per step: measured (its own counters) "
+                  "vs the arithmetic (sat_dist/parallel/zero_bytes.py; mean shares, no padding):",
+                  "| omission attn,mlp | forward gather | backward gather | gradient reduce | scoring |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in rows:
+            got, model = r["sat_weight_bytes_per_rank"], r["bytes_model_per_rank"]
+            cells = " | ".join(f"{got[k] / 1e6:.1f} vs {model[k] / 1e6:.1f}"
+                               for k in ("forward_gather", "backward_gather", "grad_reduce", "scoring"))
+            lines.append(f"| {r['omission'][0]},{r['omission'][1]} | {cells} |")
     if "dense_vs_peer_tokens_per_s" in report:
         lines.append(f"sat_dist dense / peer tokens/s: {report['dense_vs_peer_tokens_per_s']}")
     return "\n".join(lines)
@@ -193,6 +204,7 @@ def worker(a) -> int:
     from sat_dist.config import ModelConfig, SATConfig
     from sat_dist.parallel.state import destroy_distributed, init_distributed
     from sat_dist.train.arguments import TrainConfig
+    from sat_dist.parallel.zero_bytes import step_bytes
     from sat_dist.train.metrics import model_flops
 
     if not torch.cuda.is_available():
@@ -277,7 +289,13 @@ def worker(a) -> int:
             if rnd >= a.warmup:
                 rows[s]["times"].append(out["step_s"])
                 rows[s]["phases"].append(out)
-    comm_split = {s: one_step(*s, timed_comm=True) for s in settings}
+    row_zero = eng.model.layers[0].mlp.row_zero if a.worker == "sat_dist" else None
+    comm_split, row_bytes = {}, {}
+    for s in settings:
+        if row_zero is not None:
+            row_zero.bytes_moved = {k: 0 for k in row_zero.bytes_moved}
+        comm_split[s] = one_step(*s, timed_comm=True)
+        row_bytes[s] = dict(row_zero.bytes_moved) if row_zero is not None else None
     profiles = {}
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -312,7 +330,10 @@ def worker(a) -> int:
             phase = {k: statistics.median(p[k] for p in everyone[0][str(s)]["phases"])
                      for k in ("forward_s", "backward_s", "optimizer_s")}
             c = everyone[0][str(s)]["comm"]
-            settings_out.append({"omission": list(s), "keep_fraction_attn": ka, "keep_fraction_mlp": km,
+            elt = 2 if a.dtype == "bf16" else 4
+            model = step_bytes(cfg, comm.dp_size, comm.tp_size, a.micro_batch * a.seq, accum, ka, km,
+                               a.sat_token_stride or 8, w_bytes=elt, g_bytes=4, x_bytes=elt)
+            settings_out.append({"sat_weight_bytes_per_rank": row_bytes.get(s), "bytes_model_per_rank": model,"omission": list(s), "keep_fraction_attn": ka, "keep_fraction_mlp": km,
                                  "step_s": [round(x, 4) for x in times], "median_step_s": med,
                                  "tokens_per_s": gbs * a.seq / med, **phase,
                                  "comm_zero_s": c.get("zero", 0.0), "comm_tp_s": c.get("tp", 0.0),

@@ -116,6 +116,13 @@ class SATAttention(nn.Module):
         self.row_zero = None
         """Comm-sparse ZeRO-3 (sat_dist.parallel.row_sparse_zero), or None: the weights are
         then used whole, as DeepSpeed gathered them."""
+        self.row_weights = ()
+        """(qkv, proj) for row_zero, held as plain references: read as module attributes
+        inside DeepSpeed's forward, ZeRO-3 would gather them whole (and from then on gather
+        them with the decoder layer every step, as 'external' parameters)."""
+
+    def use_row_zero(self, zero) -> None:
+        self.row_zero, self.row_weights = zero, (self.qkv_weight, self.proj_weight)
 
     def gathers_own_rows(self) -> bool:
         """The weights are gathered by row_zero, kept rows only, in every step (also those
@@ -130,19 +137,20 @@ class SATAttention(nn.Module):
         b, s, h = x.shape
         r, d = self.r, self.d
         zero = self.row_zero if self.gathers_own_rows() else None
+        if zero is not None:
+            qkv_w, proj_w = self.row_weights
         if zero is None:
             def score(gen, stride):
                 return attention_scores(self.sat.cfg.metric, x, self.qkv_weight, self.proj_weight, r, d,
                                         self.comm.reduce_over_dp, gen, stride)
         else:
             def score(gen, stride):
-                return zero.attention_scores(x, self.qkv_weight, self.proj_weight, r, d, self.comm.reduce_over_dp,
-                                             gen, stride)
+                return zero.attention_scores(x, qkv_w, proj_w, r, d, self.comm.reduce_over_dp, gen, stride)
         kept = self.sat.kept_units(self.layer, "attn", self.groups, x.device, score)
         x = self.comm.copy_to_tp(x)
         if zero is not None:
             g = self.groups if kept is None else kept.numel()
-            qkv = zero.linear(x, self.qkv_weight, None if kept is None else unit_rows(kept, (r + 2) * d))
+            qkv = zero.linear(x, qkv_w, None if kept is None else unit_rows(kept, (r + 2) * d))
         elif kept is None:
             g = self.groups
             qkv = F.linear(x, self.qkv_weight)
@@ -170,7 +178,7 @@ class SATAttention(nn.Module):
                                              enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, s, g * r * d)  # [b, s, g*r*d]
         if zero is not None:
-            y = zero.linear(out, self.proj_weight, None if kept is None else unit_rows(kept, r * d), kept_in=True)
+            y = zero.linear(out, proj_w, None if kept is None else unit_rows(kept, r * d), kept_in=True)
         elif kept is None:
             y = torch.matmul(out, self.proj_weight)  # [b, s, h] partial over TP
         else:
@@ -190,6 +198,11 @@ class SATMLP(nn.Module):
         self.row_zero = None
         """Comm-sparse ZeRO-3 (sat_dist.parallel.row_sparse_zero), or None: the weights are
         then used whole, as DeepSpeed gathered them."""
+        self.row_weights = ()
+        """(fc1, fc2) for row_zero, held as plain references (see SATAttention's)."""
+
+    def use_row_zero(self, zero) -> None:
+        self.row_zero, self.row_weights = zero, (self.fc1_weight, self.fc2_weight)
 
     def gathers_own_rows(self) -> bool:
         """This step, the kept rows are gathered by row_zero (see SATAttention's)."""
@@ -224,14 +237,14 @@ class SATMLP(nn.Module):
         # Under comm-sparse ZeRO-3 only the kept rows are gathered, and only their gradients
         # reduced (no compensation, no dense forward: sat_dist.parallel.row_sparse_zero).
         zero = self.row_zero
+        fc1, fc2 = self.row_weights
         kept = self.sat.kept_units(
             self.layer, "mlp", self.f, x.device,
-            lambda gen, stride: zero.mlp_scores(x, self.fc1_weight, self.fc2_weight, self.comm.reduce_over_dp,
-                                                gen, stride))
+            lambda gen, stride: zero.mlp_scores(x, fc1, fc2, self.comm.reduce_over_dp, gen, stride))
         x = self.comm.copy_to_tp(x)
         fc1_rows = None if kept is None else torch.cat((kept, kept + self.f))  # gate rows, then up rows
-        gate, up = zero.linear(x, self.fc1_weight, fc1_rows).chunk(2, dim=-1)  # [b, s, k] each
-        y = zero.linear(F.silu(gate) * up, self.fc2_weight, kept, kept_in=True)  # [b, s, h] partial over TP
+        gate, up = zero.linear(x, fc1, fc1_rows).chunk(2, dim=-1)  # [b, s, k] each
+        y = zero.linear(F.silu(gate) * up, fc2, kept, kept_in=True)  # [b, s, h] partial over TP
         return self.comm.reduce_from_tp(y)
 
     def _forward_dense_backward_sparse(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from sat_dist.model.comm import ParallelComm
 from sat_dist.model.layout import layout_of
 from sat_dist.model.llama import LlamaModel
 from sat_dist.model.sat_state import SATState
-from sat_dist.parallel.row_sparse_zero import RowSparseZero, unsupported_reason
+from sat_dist.parallel.row_sparse_zero import RowSparseZero, reuse_distance_keeps, unsupported_reason
 from sat_dist.parallel.state import MegatronMPU, hpz_partition_group
 from sat_dist.parallel.zero import init_fp32_masters, load_local_weights
 from sat_dist.train.lr import schedule_of
@@ -208,7 +208,10 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
         # The bf16 parameters hold the checkpoint rounded; the masters take its own values.
         init_fp32_masters(model, local, comm, stage3)
     if row_sparse:
-        use_row_sparse_zero(model, RowSparseZero(engine.optimizer, comm.dp_group, sat_cfg.metric))
+        sat_weights = [[layer.self_attention.qkv_weight, layer.self_attention.proj_weight, layer.mlp.fc1_weight,
+                        layer.mlp.fc2_weight] for layer in model.layers]
+        keep = reuse_distance_keeps(sat_weights, model.output_layer.weight.ds_numel, ds)
+        use_row_sparse_zero(model, RowSparseZero(engine.optimizer, comm.dp_group, sat_cfg.metric, keep))
     return Engine(engine, model, sat, ds, ds["gradient_accumulation_steps"])
 
 
@@ -226,8 +229,8 @@ def comm_sparse_wanted(mode: str, sat_cfg: SATConfig, ds: dict) -> bool:
 def use_row_sparse_zero(model: LlamaModel, zero: RowSparseZero) -> None:
     """Let every SAT module gather and reduce its weights through `zero` (kept rows only)."""
     for layer in model.layers:
-        layer.self_attention.row_zero = zero
-        layer.mlp.row_zero = zero
+        layer.self_attention.use_row_zero(zero)
+        layer.mlp.use_row_zero(zero)
 
 
 def optimizer_param_groups(model: LlamaModel) -> list[dict]:
