@@ -125,6 +125,10 @@ CASES = [
      "the rates' mean is 0.2500 but --sat-omission-mlp is 0.1; set --sat-omission-mlp 0.2500"),
     ("per-layer rates for too few layers", {"sat-omission-mlp-layers": "0.3", "sat-omission-mlp": 0.3},
      "--sat-omission-mlp-layers: 1 rates for a model of 2 layers"),
+    ("comm-sparse where it cannot run", {"sat-comm-sparse": "on", "sat-compensation": "mean"},
+     "--sat-comm-sparse on: cannot run because --sat-compensation mean reads the omitted rows; use "
+     "--sat-comm-sparse auto or off"),
+    ("comm-sparse not a choice", {"sat-comm-sparse": "yes"}, "argument --sat-comm-sparse: invalid choice"),
     ("zero collective timeout", {"distributed-timeout-minutes": 0}, "--distributed-timeout-minutes: got 0"),
     ("negative peak", {"peak-tflops": -5}, "--peak-tflops: got -5.0; allowed: a finite number > 0"),
     ("negative retention", {"keep-latest-k": -1}, "--keep-latest-k: got -1; allowed: an integer >= 0"),

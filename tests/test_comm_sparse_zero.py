@@ -16,7 +16,7 @@ import torch
 from sat_dist.config import ModelConfig, SATConfig, TrainConfig
 from sat_dist.errors import SatDistError
 from sat_dist.train.arguments import MODEL_CONFIG_DIR
-from sat_dist.train.engine import comm_sparse_wanted, deepspeed_config
+from sat_dist.train.engine import comm_sparse_line, comm_sparse_wanted, deepspeed_config
 from tests.dist_harness import run_ranks
 
 ZERO3 = str(MODEL_CONFIG_DIR.parents[1] / "configs" / "ds_zero3.json")
@@ -197,6 +197,10 @@ def test_modes_and_errors():
         comm_sparse_wanted("on", _sat(), z1)
     with pytest.raises(SatDistError, match="--sat-comm-sparse"):
         TrainConfig(sat_comm_sparse="yes").validate()
+    assert comm_sparse_line("auto", _sat(), ds).startswith("comm-sparse ZeRO-3: on")
+    assert comm_sparse_line("auto", comp, ds) == \
+        "comm-sparse ZeRO-3: off (--sat-compensation mean reads the omitted rows)"
+    assert comm_sparse_line("off", _sat(), ds) == "comm-sparse ZeRO-3: off (--sat-comm-sparse off)"
 
 
 def test_bytes_model_by_hand():

@@ -331,8 +331,9 @@ def worker(a) -> int:
                      for k in ("forward_s", "backward_s", "optimizer_s")}
             c = everyone[0][str(s)]["comm"]
             elt = 2 if a.dtype == "bf16" else 4
+            regather = row_zero is None or len(row_zero.keep_for_backward) < 4 * cfg.num_layers
             model = step_bytes(cfg, comm.dp_size, comm.tp_size, a.micro_batch * a.seq, accum, ka, km,
-                               a.sat_token_stride or 8, w_bytes=elt, g_bytes=4, x_bytes=elt)
+                               a.sat_token_stride or 8, w_bytes=elt, g_bytes=4, x_bytes=elt, regather=regather)
             settings_out.append({"sat_weight_bytes_per_rank": row_bytes.get(s), "bytes_model_per_rank": model,"omission": list(s), "keep_fraction_attn": ka, "keep_fraction_mlp": km,
                                  "step_s": [round(x, 4) for x in times], "median_step_s": med,
                                  "tokens_per_s": gbs * a.seq / med, **phase,

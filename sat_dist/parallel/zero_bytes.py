@@ -40,10 +40,11 @@ def sat_rows(cfg: ModelConfig, tp: int) -> dict[str, int]:
 
 def step_bytes(cfg: ModelConfig, dp: int, tp: int, tokens_per_micro: int, grad_accum: int, keep_attn: float,
                keep_mlp: float, token_stride: int = 8, w_bytes: int = 2, g_bytes: int = 4,
-               x_bytes: int = 2) -> dict[str, float]:
+               x_bytes: int = 2, regather: bool = True) -> dict[str, float]:
     """Bytes one rank sends per optimizer step, by phase, for SAT's weights (all layers) and
     for the rest. keep_*: kept fractions (1, 1: a dense step). tokens_per_micro: a rank's
-    micro-batch in tokens."""
+    micro-batch in tokens. regather: the weights are gathered again for backward (False: a
+    model small enough for ZeRO-3's reuse distance to keep them)."""
     h = cfg.hidden_size
     rows = sat_rows(cfg, tp)
     whole = sum(rows.values()) * h
@@ -51,7 +52,7 @@ def step_bytes(cfg: ModelConfig, dp: int, tp: int, tokens_per_micro: int, grad_a
     L, ga = cfg.num_layers, grad_accum
     out = {
         "forward_gather": L * ga * ring(dp, kept * w_bytes),
-        "backward_gather": L * ga * ring(dp, kept * w_bytes),
+        "backward_gather": L * ga * ring(dp, kept * w_bytes) if regather else 0.0,
         "grad_reduce": L * ga * ring(dp, kept * g_bytes),
         "scoring": 0.0,
     }
@@ -63,7 +64,7 @@ def step_bytes(cfg: ModelConfig, dp: int, tp: int, tokens_per_micro: int, grad_a
         out["scoring"] = L * ((mlp if keep_mlp < 1 else 0) + (attn if keep_attn < 1 else 0) + norms)
     vocab = cfg.padded_vocab_size(tp) // tp
     other = (vocab * h * (1 if cfg.tie_word_embeddings else 2) + (2 * L + 1) * h)
-    out["other_gather"] = 2 * ga * ring(dp, other * w_bytes)
+    out["other_gather"] = (2 if regather else 1) * ga * ring(dp, other * w_bytes)
     out["other_reduce"] = ga * ring(dp, other * g_bytes)
-    out["dense_sat_weights"] = L * ga * (2 * ring(dp, whole * w_bytes) + ring(dp, whole * g_bytes))
+    out["dense_sat_weights"] = L * ga * ((2 if regather else 1) * ring(dp, whole * w_bytes) + ring(dp, whole * g_bytes))
     return out

@@ -226,6 +226,15 @@ def comm_sparse_wanted(mode: str, sat_cfg: SATConfig, ds: dict) -> bool:
     return reason is None
 
 
+def comm_sparse_line(mode: str, sat_cfg: SATConfig, ds: dict) -> str:
+    """The start-up log line saying whether comm-sparse ZeRO-3 is on, and why not."""
+    if mode == "off":
+        return "comm-sparse ZeRO-3: off (--sat-comm-sparse off)"
+    reason = unsupported_reason(sat_cfg, ds)
+    return "comm-sparse ZeRO-3: on (SAT's weights gathered and reduced by kept rows)" if reason is None else \
+        f"comm-sparse ZeRO-3: off ({reason})"
+
+
 def use_row_sparse_zero(model: LlamaModel, zero: RowSparseZero) -> None:
     """Let every SAT module gather and reduce its weights through `zero` (kept rows only)."""
     for layer in model.layers:

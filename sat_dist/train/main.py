@@ -75,7 +75,7 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
     from sat_dist.model.llama import check_layer_rates, check_tensor_parallel
     from sat_dist.parallel.state import data_parallel_size, launch_world_size
     from sat_dist.train.arguments import parse_args, run_definition
-    from sat_dist.train.engine import deepspeed_config
+    from sat_dist.train.engine import comm_sparse_wanted, deepspeed_config
 
     run = parse_args(argv)
     t = run.train
@@ -93,6 +93,7 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
     check_layer_rates(model_cfg, run.sat)
     dp = data_parallel_size(launch_world_size(), tp)
     ds = deepspeed_config(t, dp)
+    comm_sparse_wanted(t.sat_comm_sparse, run.sat, ds)  # "on" where it cannot run: the error, before any rank starts
     datasets = None if embedded else open_datasets(t, model_cfg, dp)
     check_save_dir(t.save, t.load)
     definition = run_definition(run, model_cfg)
@@ -238,7 +239,7 @@ def _run(argv) -> int:
     import torch.distributed as dist
 
     from sat_dist.parallel.state import init_distributed
-    from sat_dist.train.engine import build_engine
+    from sat_dist.train.engine import build_engine, comm_sparse_line
     from sat_dist.train.loop import train
 
     comm = init_distributed(t.tensor_model_parallel_size, t.distributed_timeout_minutes)
@@ -264,5 +265,6 @@ def _run(argv) -> int:
         f"selection={s.selection} omission attn/mlp={s.omission_attn}/{s.omission_mlp}")
     hf_sd = plan.hf_state_dict if plan.resume is None else None  # a resume takes the checkpoint's weights
     eng = build_engine(model_cfg, s, t, comm, hf_sd, ds_config=plan.ds_config)
+    log(comm_sparse_line(t.sat_comm_sparse, s, plan.ds_config))
     train(run, eng, comm, model_cfg, datasets, plan.resume, log, definition=plan.definition)
     return 0
