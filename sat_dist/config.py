@@ -532,7 +532,8 @@ class TrainConfig:
 
     def _validate_lr_schedule(self) -> None:
         if self.sat_comm_sparse not in COMM_SPARSE_CHOICES:
-            raise SatDistError(f"--sat-comm-sparse: got {self.sat_comm_sparse}; allowed: {', '.join(COMM_SPARSE_CHOICES)}")
+            raise SatDistError(f"--sat-comm-sparse: got {self.sat_comm_sparse}; "
+                               f"allowed: {', '.join(COMM_SPARSE_CHOICES)}")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise SatDistError(f"--lr-decay-style: got {self.lr_decay_style}; allowed: {', '.join(LR_DECAY_STYLES)}")
         if self.lr_wsd_decay_style not in WSD_DECAY_STYLES:
@@ -651,5 +652,6 @@ def _is_number(v) -> bool:
 
 
 __all__ = ["SATConfig", "ModelConfig", "TrainConfig", "METRICS", "SELECTIONS", "SCHEDULES", "GRANULARITIES",
-           "LR_DECAY_STYLES", "COMM_SPARSE_CHOICES", "WSD_DECAY_STYLES", "SAT_CHOICES", "MODEL_CONFIG_DIR", "model_config_path",
+           "LR_DECAY_STYLES", "COMM_SPARSE_CHOICES", "WSD_DECAY_STYLES", "SAT_CHOICES", "MODEL_CONFIG_DIR",
+           "model_config_path",
            "valid_data_sets", "field_docs", "load_fields", "read_json_object"]

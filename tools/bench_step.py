@@ -203,8 +203,8 @@ def worker(a) -> int:
 
     from sat_dist.config import ModelConfig, SATConfig
     from sat_dist.parallel.state import destroy_distributed, init_distributed
-    from sat_dist.train.arguments import TrainConfig
     from sat_dist.parallel.zero_bytes import step_bytes
+    from sat_dist.train.arguments import TrainConfig
     from sat_dist.train.metrics import model_flops
 
     if not torch.cuda.is_available():
@@ -334,7 +334,8 @@ def worker(a) -> int:
             regather = row_zero is None or len(row_zero.keep_for_backward) < 4 * cfg.num_layers
             model = step_bytes(cfg, comm.dp_size, comm.tp_size, a.micro_batch * a.seq, accum, ka, km,
                                a.sat_token_stride or 8, w_bytes=elt, g_bytes=4, x_bytes=elt, regather=regather)
-            settings_out.append({"sat_weight_bytes_per_rank": row_bytes.get(s), "bytes_model_per_rank": model,"omission": list(s), "keep_fraction_attn": ka, "keep_fraction_mlp": km,
+            settings_out.append({"sat_weight_bytes_per_rank": row_bytes.get(s), "bytes_model_per_rank": model,
+                                 "omission": list(s), "keep_fraction_attn": ka, "keep_fraction_mlp": km,
                                  "step_s": [round(x, 4) for x in times], "median_step_s": med,
                                  "tokens_per_s": gbs * a.seq / med, **phase,
                                  "comm_zero_s": c.get("zero", 0.0), "comm_tp_s": c.get("tp", 0.0),

@@ -302,7 +302,10 @@ class RowSparseZero:
                kept_in: bool = False) -> torch.Tensor:
         """x @ W[rows]^T (kept_in=False: the rows are output features) or x @ W[rows]
         (kept_in=True: x holds only the kept input features); rows None: all."""
-        return _RowSparseLinear.apply(x, _Ref(p), self, None if rows is None else rows.sort().values, kept_in)
+        # The row indices go to the host once per product (forward and backward reuse them):
+        # the shares are computed there.
+        rows = None if rows is None else rows.sort().values.cpu()
+        return _RowSparseLinear.apply(x, _Ref(p), self, rows, kept_in)
 
 
 def _select(rows_view: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
