@@ -159,6 +159,10 @@ def summary(report: dict) -> str:
                 f"| {r['fraction_of_ideal']:.3f} | {r['peak_memory_gb']:.2f} "
                 f"| {r['forward_s']:.2f} / {r['backward_s']:.2f} / {r['optimizer_s']:.2f} "
                 f"| {r['comm_zero_s']:.2f} / {r['comm_tp_s']:.2f} |")
+    moved = any(sum(r.get("zero_bytes_per_rank", {}).values()) for arm in ("sat_dist", "peer")
+                for r in report.get(arm, {}).get("settings", []))
+    if not moved:  # one rank: nothing crosses the DP group
+        return "\n".join(lines + _peer_line(report))
     lines += ["", "ZeRO bytes sent per rank per step, MB (ring accounting; the instrumented step):",
               "| arm | omission attn,mlp | forward gather | backward gather | gradient reduce | other "
               "(scoring, optimizer step) | total | of dense | ZeRO comm s, of dense |",
@@ -176,7 +180,8 @@ def summary(report: dict) -> str:
             lines.append(f"| {arm} | {r['omission'][0]},{r['omission'][1]} | {fg / 1e6:.0f} | {bg / 1e6:.0f} "
                          f"| {gr / 1e6:.0f} | {other / 1e6:.0f} | {total / 1e6:.0f} | {total / dense_total:.3f} "
                          f"| {r['comm_zero_s']:.2f}, {r['comm_zero_s'] / dense_comm:.3f} |")
-    rows = [r for r in report.get("sat_dist", {}).get("settings", []) if r.get("sat_weight_bytes_per_rank")]
+    rows = [r for r in report.get("sat_dist", {}).get("settings", [])
+            if r.get("sat_weight_bytes_per_rank") and any(r["sat_weight_bytes_per_rank"].values())]
     if rows:
         lines += ["", "SAT weights through comm-sparse ZeRO-3, MB per rank per step: measured (its own counters) "
                   "vs the arithmetic (sat_dist/parallel/zero_bytes.py; mean shares, no padding):",
@@ -187,9 +192,13 @@ def summary(report: dict) -> str:
             cells = " | ".join(f"{got[k] / 1e6:.1f} vs {model[k] / 1e6:.1f}"
                                for k in ("forward_gather", "backward_gather", "grad_reduce", "scoring"))
             lines.append(f"| {r['omission'][0]},{r['omission'][1]} | {cells} |")
+    return "\n".join(lines + _peer_line(report))
+
+
+def _peer_line(report: dict) -> list[str]:
     if "dense_vs_peer_tokens_per_s" in report:
-        lines.append(f"sat_dist dense / peer tokens/s: {report['dense_vs_peer_tokens_per_s']}")
-    return "\n".join(lines)
+        return [f"sat_dist dense / peer tokens/s: {report['dense_vs_peer_tokens_per_s']}"]
+    return []
 
 
 # --------------------------------------------------------------------------- worker
