@@ -122,13 +122,10 @@ class SATAttention(nn.Module):
         them with the decoder layer every step, as 'external' parameters)."""
 
     def use_row_zero(self, zero) -> None:
+        # In every step, also those that keep all units: were DeepSpeed to gather the
+        # weights in some steps only, its prefetcher would follow a module order that
+        # changes from step to step.
         self.row_zero, self.row_weights = zero, (self.qkv_weight, self.proj_weight)
-
-    def gathers_own_rows(self) -> bool:
-        """The weights are gathered by row_zero, kept rows only, in every step (also those
-        that keep all units: were DeepSpeed to gather them in some steps only, its
-        prefetcher would follow a module order that changes from step to step)."""
-        return self.row_zero is not None
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,14 +133,14 @@ class SATAttention(nn.Module):
         # position_ids [b, s] or None: 0..s-1
         b, s, h = x.shape
         r, d = self.r, self.d
-        zero = self.row_zero if self.gathers_own_rows() else None
-        if zero is not None:
-            qkv_w, proj_w = self.row_weights
+        zero = self.row_zero
         if zero is None:
             def score(gen, stride):
                 return attention_scores(self.sat.cfg.metric, x, self.qkv_weight, self.proj_weight, r, d,
                                         self.comm.reduce_over_dp, gen, stride)
         else:
+            qkv_w, proj_w = self.row_weights
+
             def score(gen, stride):
                 return zero.attention_scores(x, qkv_w, proj_w, r, d, self.comm.reduce_over_dp, gen, stride)
         kept = self.sat.kept_units(self.layer, "attn", self.groups, x.device, score)
@@ -202,14 +199,10 @@ class SATMLP(nn.Module):
         """(fc1, fc2) for row_zero, held as plain references (see SATAttention's)."""
 
     def use_row_zero(self, zero) -> None:
-        self.row_zero, self.row_weights = zero, (self.fc1_weight, self.fc2_weight)
-
-    def gathers_own_rows(self) -> bool:
-        """This step, the kept rows are gathered by row_zero (see SATAttention's)."""
-        return self.row_zero is not None
+        self.row_zero, self.row_weights = zero, (self.fc1_weight, self.fc2_weight)  # every step, as attention's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
-        if self.gathers_own_rows():
+        if self.row_zero is not None:
             return self._forward_row_sparse(x)
         if self.sat.mlp_backward_only:
             return self._forward_dense_backward_sparse(x)
@@ -278,9 +271,9 @@ class DecoderLayer(nn.Module):
         # Under comm-sparse ZeRO-3 the SAT modules gather their kept rows themselves: calling
         # their forward directly skips DeepSpeed's module hooks, which would gather the
         # weights whole.
-        if attn.gathers_own_rows():
+        if attn.row_zero is not None:
             attn = attn.forward
-        if mlp.gathers_own_rows():
+        if mlp.row_zero is not None:
             mlp = mlp.forward
         x = x + attn(self.input_layernorm(x), attn_mask, position_ids)
         return x + mlp(self.pre_mlp_layernorm(x))

@@ -38,7 +38,7 @@ Used by sat_dist.model.llama (the model sees only `linear`, `mlp_scores`,
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -73,11 +73,11 @@ class RowSparseZero:
 
     # ------------------------------------------------------------------ layout
 
-    def _spans(self, p: torch.nn.Parameter, rows: torch.Tensor):
-        """Where the kept rows' elements lie. rows: sorted row indices (CPU int64).
-        Returns (counts [world] ints: kept elements in each rank's partition, my slice of
-        rows (a, b), the first row of my partition, my element range lo, hi)."""
+    def layout(self, p: torch.nn.Parameter, rows: Optional[torch.Tensor]) -> "_Layout":
+        """Where rows `rows` (sorted, on the host; None: all) of p lie in the DP partitions.
+        Made once per product: its forward gather, backward gather and reduce share it."""
         R, h = p.ds_shape
+        rows = torch.arange(R) if rows is None else rows
         numel, n = R * h, p.partition_numel()
         starts = rows * h
         ends = starts + h
@@ -93,84 +93,62 @@ class RowSparseZero:
         lo, hi = int(bounds[self.rank]), int(bounds[self.rank + 1])
         a = int(torch.searchsorted(ends, torch.tensor(lo), right=True))
         b = int(torch.searchsorted(starts, torch.tensor(hi), right=False))
-        return counts, (a, b), lo // h, lo, hi
+        mine = rows[a:b]  # the rows this rank holds (some of) elements of
+        row_lo = lo // h
+        # elements of my rows outside my partition, at the head and the tail
+        head = lo - row_lo * h if mine.numel() and int(mine[0]) == row_lo else 0
+        tail = max(0, (int(mine[-1]) + 1) * h - hi) if mine.numel() else 0
+        return _Layout(counts, a, b, lo, hi, row_lo, head, tail, (mine - row_lo).to(p.ds_tensor.device))
 
-    def _local_rows(self, p: torch.nn.Parameter, lo: int, hi: int, row_lo: int) -> torch.Tensor:
+    def _local_rows(self, p: torch.nn.Parameter, lay: "_Layout") -> torch.Tensor:
         """My partition as whole rows [rows touched, h] (zeros outside it where a row is split)."""
         h = p.ds_shape[1]
-        part = p.ds_tensor.reshape(-1)[: hi - lo]
-        off = lo - row_lo * h
-        n_rows = -(-(off + hi - lo) // h)
-        if off == 0 and (hi - lo) % h == 0:
-            return part.view(n_rows, h)
-        buf = part.new_zeros(n_rows * h)
-        buf[off: off + hi - lo] = part
-        return buf.view(n_rows, h)
-
-    @staticmethod
-    def _trims(rows_mine: torch.Tensor, row_lo: int, lo: int, hi: int, h: int) -> tuple[int, int]:
-        """Elements of my selected rows that lie outside my partition, at the head and the tail."""
-        if rows_mine.numel() == 0:
-            return 0, 0
-        head = lo - row_lo * h if int(rows_mine[0]) == row_lo else 0
-        last = int(rows_mine[-1])
-        tail = max(0, (last + 1) * h - hi)
-        return head, tail
+        part = p.ds_tensor.reshape(-1)[: lay.hi - lay.lo]
+        if lay.aligned(h):
+            return part.view(-1, h)
+        off = lay.lo - lay.row_lo * h
+        buf = part.new_zeros(lay.touched_rows(h) * h)
+        buf[off: off + lay.hi - lay.lo] = part
+        return buf.view(-1, h)
 
     # ------------------------------------------------------------------ gather / reduce
 
     @torch.no_grad()
-    def gather_rows(self, p: torch.nn.Parameter, rows: Optional[torch.Tensor], phase: str) -> torch.Tensor:
-        """Rows `rows` (sorted; None: all) of p, [k, h] in p's dtype, on every DP rank. Collective."""
-        R, h = p.ds_shape
-        rows = torch.arange(R) if rows is None else rows.cpu()
-        counts, (a, b), row_lo, lo, hi = self._spans(p, rows)
-        mine = rows[a:b]
-        head, tail = self._trims(mine, row_lo, lo, hi, h)
-        width = max(counts)
-        device = p.ds_tensor.device
-        # this rank's share, written straight into the (padded) send buffer
-        send = p.ds_tensor.new_zeros(width) if self.world > 1 else None
-        idx = (mine - row_lo).to(device)
-        if head == 0 and tail == 0 and (lo - row_lo * h) == 0 and (hi - lo) % h == 0:
-            # the partition holds whole rows: select them without a copy of the partition
-            whole_rows = p.ds_tensor.reshape(-1)[: hi - lo].view(-1, h)
-            if send is None:
-                return whole_rows.index_select(0, idx)
-            torch.index_select(whole_rows, 0, idx, out=send[: counts[self.rank]].view(-1, h))
-        else:
-            local = self._local_rows(p, lo, hi, row_lo).index_select(0, idx).reshape(-1)
-            local = local[head: local.numel() - tail]
-            if send is None:
-                return local.view(-1, h)
-            send[: local.numel()] = local
+    def gather_rows(self, p: torch.nn.Parameter, lay: "_Layout", phase: str) -> torch.Tensor:
+        """The rows of `lay` of p, [k, h] in p's dtype, on every DP rank. Collective."""
+        h = p.ds_shape[1]
+        width = max(lay.counts)
+        mine = self._local_rows(p, lay).index_select(0, lay.idx)  # [my rows, h]
+        if self.world == 1:
+            return mine
+        send = mine.reshape(-1)[lay.head: mine.numel() - lay.tail]  # this rank's share
+        if send.numel() < width:  # padded to the fullest rank's share
+            send = torch.cat((send, send.new_zeros(width - send.numel())))
         recv = send.new_empty(self.world * width)
-        dist.all_gather_into_tensor(recv, send, group=self.group)
+        dist.all_gather_into_tensor(recv, send.contiguous(), group=self.group)
         self.bytes_moved[phase] += (self.world - 1) * width * recv.element_size()
-        if all(c == width for c in counts):
+        if all(c == width for c in lay.counts):
             return recv.view(-1, h)
-        return torch.cat([recv[q * width: q * width + c] for q, c in enumerate(counts)]).view(-1, h)
+        return torch.cat([recv[q * width: q * width + c] for q, c in enumerate(lay.counts)]).view(-1, h)
 
     @torch.no_grad()
-    def reduce_rows(self, p: torch.nn.Parameter, rows: Optional[torch.Tensor], grad: torch.Tensor) -> None:
-        """Average the kept rows' gradient grad [k, h] over DP and add each rank's share to
-        DeepSpeed's gradient partition of p (zeros for the other rows). Collective; `grad` is
-        consumed (scaled in place)."""
-        R, h = p.ds_shape
-        rows = torch.arange(R) if rows is None else rows.cpu()
-        counts, (a, b), row_lo, lo, hi = self._spans(p, rows)
+    def reduce_rows(self, p: torch.nn.Parameter, lay: "_Layout", grad: torch.Tensor) -> None:
+        """Average the gradient grad [k, h] of the rows of `lay` over DP and add each rank's
+        share to DeepSpeed's gradient partition of p (zeros for the other rows). Collective;
+        `grad` is consumed (scaled in place)."""
+        h = p.ds_shape[1]
         flat = grad.reshape(-1)
         dtype = self.comm_dtype or flat.dtype
         flat = flat.to(dtype) if flat.dtype != dtype else flat
         flat.div_(self.world)  # pre-divided, as DeepSpeed's reduce_scatter_coalesced
-        width = max(counts)
+        width = max(lay.counts)
         if self.world > 1:
-            if all(c == width for c in counts):
+            if all(c == width for c in lay.counts):
                 send = flat
             else:
                 send = flat.new_zeros(self.world * width)
                 offset = 0
-                for q, c in enumerate(counts):
+                for q, c in enumerate(lay.counts):
                     send[q * width: q * width + c] = flat[offset: offset + c]
                     offset += c
             del flat
@@ -178,25 +156,22 @@ class RowSparseZero:
             dist.reduce_scatter_tensor(share, send.contiguous(), group=self.group)
             del send
             self.bytes_moved["grad_reduce"] += (self.world - 1) * width * share.element_size()
-            share = share[: counts[self.rank]]
+            share = share[: lay.counts[self.rank]]
         else:
             share = flat
-        if hi <= lo:
+        if lay.hi <= lay.lo:
             return  # this rank's partition of p is all padding
-        mine = rows[a:b]
-        head, tail = self._trims(mine, row_lo, lo, hi, h)
         part = torch.zeros(p.partition_numel(), dtype=self.accum_dtype, device=p.ds_tensor.device)
-        if mine.numel():
-            idx = (mine - row_lo).to(part.device)
-            off = lo - row_lo * h
-            if head == 0 and tail == 0 and off == 0 and (hi - lo) % h == 0:
-                part[: hi - lo].view(-1, h).index_copy_(0, idx, share.view(-1, h).to(part.dtype))
+        if lay.idx.numel():
+            if lay.aligned(h):
+                part[: lay.hi - lay.lo].view(-1, h).index_copy_(0, lay.idx, share.view(-1, h).to(part.dtype))
             else:
-                placed = share.new_zeros(mine.numel() * h)
-                placed[head: placed.numel() - tail] = share
-                whole = part.new_zeros(self._local_rows(p, lo, hi, row_lo).numel())
-                whole.view(-1, h).index_copy_(0, idx, placed.view(-1, h).to(part.dtype))
-                part[: hi - lo] = whole[off: off + hi - lo]
+                placed = share.new_zeros(lay.idx.numel() * h)
+                placed[lay.head: placed.numel() - lay.tail] = share
+                whole = part.new_zeros(lay.touched_rows(h) * h)
+                whole.view(-1, h).index_copy_(0, lay.idx, placed.view(-1, h).to(part.dtype))
+                off = lay.lo - lay.row_lo * h
+                part[: lay.hi - lay.lo] = whole[off: off + lay.hi - lay.lo]
         self.opt.partition_grads([p], [part])
 
     # ------------------------------------------------------------------ scoring
@@ -223,26 +198,25 @@ class RowSparseZero:
     def _row_products(self, p: torch.nn.Parameter, rows: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """xs @ W[rows]^T in fp32, [tokens, len(rows)]: partial products over each rank's
         partition, summed by one all-reduce. rows sorted (CPU)."""
-        _, h = p.ds_shape
-        counts, (a, b), row_lo, lo, hi = self._spans(p, rows)
+        lay = self.layout(p, rows)
         out = torch.zeros(xs.shape[0], rows.numel(), dtype=torch.float32, device=xs.device)
-        if b > a:
-            local = _select(self._local_rows(p, lo, hi, row_lo), rows[a:b] - row_lo)
-            out[:, a:b] = xs.float() @ local.float().t()
+        if lay.b > lay.a:
+            local = _select(self._local_rows(p, lay), rows[lay.a:lay.b] - lay.row_lo)
+            out[:, lay.a:lay.b] = xs.float() @ local.float().t()
         return self._all_reduce(out)
 
     @torch.no_grad()
     def _row_norms(self, p: torch.nn.Parameter, units: int) -> torch.Tensor:
         """L2 norm of each unit's rows (p viewed as [units, rows per unit, h]), fp32 [units]."""
-        R, h = p.ds_shape
-        counts, (a, b), row_lo, lo, hi = self._spans(p, torch.arange(R))
+        R = p.ds_shape[0]
+        lay = self.layout(p, None)
         sq = torch.zeros(R, dtype=torch.float32, device=p.ds_tensor.device)
-        if b > a:
-            sq[a:b] = torch.linalg.vector_norm(self._local_rows(p, lo, hi, row_lo), dim=1, dtype=torch.float32).pow(2)
+        if lay.b > lay.a:
+            sq[lay.a:lay.b] = torch.linalg.vector_norm(self._local_rows(p, lay), dim=1, dtype=torch.float32).pow(2)
         return self._all_reduce(sq).view(units, -1).sum(1).sqrt()
 
     def _whole(self, p: torch.nn.Parameter) -> torch.Tensor:
-        return self.gather_rows(p, None, "scoring")
+        return self.gather_rows(p, self.layout(p, None), "scoring")
 
     def _tokens_route(self, x: torch.Tensor, token_stride: int, rows: int, h: int, weight_bytes: int) -> bool:
         """Whether scoring moves fewer bytes by gathering the scored tokens (and all-reducing
@@ -292,7 +266,7 @@ class RowSparseZero:
             reduce = no_reduce
         else:
             xs = x.reshape(-1, h)[::token_stride]
-            values = xs.float() @ self.gather_rows(qkv, v_rows, "scoring").float().t()
+            values = xs.float() @ self.gather_rows(qkv, self.layout(qkv, v_rows), "scoring").float().t()
         return attention_scores(self.metric, xs, None, None, r, d, reduce, generator, 1,
                                 values=values, out_norms=self._row_norms(proj, G))
 
@@ -301,11 +275,12 @@ class RowSparseZero:
     def linear(self, x: torch.Tensor, p: torch.nn.Parameter, rows: Optional[torch.Tensor],
                kept_in: bool = False) -> torch.Tensor:
         """x @ W[rows]^T (kept_in=False: the rows are output features) or x @ W[rows]
-        (kept_in=True: x holds only the kept input features); rows None: all."""
-        # The row indices go to the host once per product (forward and backward reuse them):
-        # the shares are computed there.
-        rows = None if rows is None else rows.sort().values.cpu()
-        return _RowSparseLinear.apply(x, _Ref(p), self, rows, kept_in)
+        (kept_in=True: x holds only the kept input features); rows: sorted (SAT's selections
+        are), None: all."""
+        # The shares are computed once per product, on the host (one transfer of the row
+        # indices); forward gather, backward gather and reduce share them.
+        lay = self.layout(p, None if rows is None else rows.cpu())
+        return _RowSparseLinear.apply(x, _Ref(p), self, lay, kept_in)
 
 
 def _select(rows_view: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -313,6 +288,34 @@ def _select(rows_view: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if idx.numel() and int(idx[-1]) - int(idx[0]) + 1 == idx.numel():
         return rows_view.narrow(0, int(idx[0]), idx.numel())
     return rows_view.index_select(0, idx.to(rows_view.device))
+
+
+class _Layout(NamedTuple):
+    """Where a product's rows lie in the DP partitions of its weight (RowSparseZero.layout)."""
+
+    counts: list
+    """Elements of the rows in each rank's partition (every share is padded to the largest)."""
+    a: int
+    """rows[a:b] are the rows this rank holds elements of."""
+    b: int
+    lo: int
+    """This rank's partition: elements [lo, hi) of the flattened weight."""
+    hi: int
+    row_lo: int
+    """The row element lo falls in."""
+    head: int
+    """Elements of the first of my rows before lo (a row split with the rank before)."""
+    tail: int
+    """Elements of the last of my rows from hi on (a row split with the rank after)."""
+    idx: torch.Tensor
+    """rows[a:b] - row_lo, on the weight's device."""
+
+    def aligned(self, h: int) -> bool:
+        """The partition starts and ends on row boundaries."""
+        return self.lo == self.row_lo * h and (self.hi - self.lo) % h == 0
+
+    def touched_rows(self, h: int) -> int:
+        return -(-(self.hi - self.row_lo * h) // h)
 
 
 class _Ref:
@@ -325,21 +328,21 @@ class _Ref:
 
 class _RowSparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ref, zero, rows, kept_in):
-        w = zero.gather_rows(ref.p, rows, "forward_gather")  # [k, h]
+    def forward(ctx, x, ref, zero, lay, kept_in):
+        w = zero.gather_rows(ref.p, lay, "forward_gather")  # [k, h]
         # The gathered rows are kept for backward only where ZeRO-3 would keep the whole
         # weight; otherwise they are gathered again, as ZeRO-3 does.
         keep = id(ref.p) in zero.keep_for_backward
         ctx.save_for_backward(x, w if keep else None)
-        ctx.ref, ctx.zero, ctx.rows, ctx.kept_in = ref, zero, rows, kept_in
+        ctx.ref, ctx.zero, ctx.lay, ctx.kept_in = ref, zero, lay, kept_in
         return torch.matmul(x, w) if kept_in else torch.matmul(x, w.t())
 
     @staticmethod
     def backward(ctx, grad_y):
         x, w = ctx.saved_tensors
-        zero, p, rows = ctx.zero, ctx.ref.p, ctx.rows
+        zero, p, lay = ctx.zero, ctx.ref.p, ctx.lay
         if w is None:
-            w = zero.gather_rows(p, rows, "backward_gather")
+            w = zero.gather_rows(p, lay, "backward_gather")
         x2 = x.reshape(-1, x.shape[-1])
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         if ctx.kept_in:  # y = x @ w, w [k, h_out]
@@ -348,7 +351,7 @@ class _RowSparseLinear(torch.autograd.Function):
         else:  # y = x @ w^T, w [k, h_in]
             grad_x = torch.matmul(grad_y, w) if ctx.needs_input_grad[0] else None
             grad_w = g2.t() @ x2
-        zero.reduce_rows(p, rows, grad_w)
+        zero.reduce_rows(p, lay, grad_w)
         return grad_x, None, None, None, None
 
 
