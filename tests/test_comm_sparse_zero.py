@@ -185,22 +185,26 @@ def test_bytes_match_the_arithmetic():
 
 def test_modes_and_errors():
     ds = deepspeed_config(_train_config("auto", 1, 2), 2)
-    assert comm_sparse_wanted("auto", _sat(), ds)
-    assert not comm_sparse_wanted("off", _sat(), ds)
-    assert not comm_sparse_wanted("auto", SATConfig(schedule="dense").validate(), ds)
+    assert comm_sparse_wanted("auto", _sat(), ds, 2)
+    assert not comm_sparse_wanted("off", _sat(), ds, 2)
+    assert not comm_sparse_wanted("auto", SATConfig(schedule="dense").validate(), ds, 2)
     comp = SATConfig(compensation="mean").validate()
-    assert not comm_sparse_wanted("auto", comp, ds)
+    assert not comm_sparse_wanted("auto", comp, ds, 2)
     with pytest.raises(SatDistError, match="--sat-comm-sparse on: cannot run because --sat-compensation mean"):
-        comm_sparse_wanted("on", comp, ds)
+        comm_sparse_wanted("on", comp, ds, 2)
     z1 = dict(ds, zero_optimization={"stage": 1})
     with pytest.raises(SatDistError, match="stage 1"):
-        comm_sparse_wanted("on", _sat(), z1)
+        comm_sparse_wanted("on", _sat(), z1, 2)
     with pytest.raises(SatDistError, match="--sat-comm-sparse"):
         TrainConfig(sat_comm_sparse="yes").validate()
-    assert comm_sparse_line("auto", _sat(), ds).startswith("comm-sparse ZeRO-3: on")
-    assert comm_sparse_line("auto", comp, ds) == \
+    assert comm_sparse_line("auto", _sat(), ds, 2).startswith("comm-sparse ZeRO-3: on")
+    assert comm_sparse_line("auto", comp, ds, 2) == \
         "comm-sparse ZeRO-3: off (--sat-compensation mean reads the omitted rows)"
-    assert comm_sparse_line("off", _sat(), ds) == "comm-sparse ZeRO-3: off (--sat-comm-sparse off)"
+    assert comm_sparse_line("off", _sat(), ds, 2) == "comm-sparse ZeRO-3: off (--sat-comm-sparse off)"
+    # one DP rank moves nothing: auto keeps DeepSpeed's path, on still runs it
+    assert not comm_sparse_wanted("auto", _sat(), ds, 1) and comm_sparse_wanted("on", _sat(), ds, 1)
+    assert comm_sparse_line("auto", _sat(), ds, 1) == \
+        "comm-sparse ZeRO-3: off (data-parallel size 1: no ZeRO traffic to thin)"
 
 
 def test_bytes_model_by_hand():

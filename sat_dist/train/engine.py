@@ -171,7 +171,7 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     ds = ds_config if ds_config is not None else deepspeed_config(t, comm.dp_size)
     sat = SATState(sat_cfg if sat_cfg.enabled else None, comm)
     stage3 = zero_stage(ds) == 3
-    row_sparse = comm_sparse_wanted(t.sat_comm_sparse, sat_cfg, ds)
+    row_sparse = comm_sparse_wanted(t.sat_comm_sparse, sat_cfg, ds, comm.dp_size)
     # Same seed on every DP replica of a TP partition (ZeRO-3 keeps one rank's init); a
     # different one per TP rank so that shards are not copies of each other.
     torch.manual_seed(t.seed + 1009 * comm.tp_rank)
@@ -215,7 +215,7 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     return Engine(engine, model, sat, ds, ds["gradient_accumulation_steps"])
 
 
-def comm_sparse_wanted(mode: str, sat_cfg: SATConfig, ds: dict) -> bool:
+def comm_sparse_wanted(mode: str, sat_cfg: SATConfig, ds: dict, dp_size: int) -> bool:
     """Whether --sat-comm-sparse MODE turns comm-sparse ZeRO-3 on for this run; "on" where it
     cannot run is an error naming why."""
     if mode == "off":
@@ -223,14 +223,20 @@ def comm_sparse_wanted(mode: str, sat_cfg: SATConfig, ds: dict) -> bool:
     reason = unsupported_reason(sat_cfg, ds)
     if reason is not None and mode == "on":
         raise SatDistError(f"--sat-comm-sparse on: cannot run because {reason}; use --sat-comm-sparse auto or off")
-    return reason is None
+    return reason is None and (mode == "on" or _auto_off_reason(dp_size) is None)
 
 
-def comm_sparse_line(mode: str, sat_cfg: SATConfig, ds: dict) -> str:
+def _auto_off_reason(dp_size: int) -> Optional[str]:
+    # One DP rank sends nothing: the kept-row bookkeeping would only cost (measured on
+    # SmolLM2-135M at one rank, docs/PERFORMANCE.md), so auto keeps DeepSpeed's path.
+    return "data-parallel size 1: no ZeRO traffic to thin" if dp_size == 1 else None
+
+
+def comm_sparse_line(mode: str, sat_cfg: SATConfig, ds: dict, dp_size: int) -> str:
     """The start-up log line saying whether comm-sparse ZeRO-3 is on, and why not."""
     if mode == "off":
         return "comm-sparse ZeRO-3: off (--sat-comm-sparse off)"
-    reason = unsupported_reason(sat_cfg, ds)
+    reason = unsupported_reason(sat_cfg, ds) or (None if mode == "on" else _auto_off_reason(dp_size))
     return "comm-sparse ZeRO-3: on (SAT's weights gathered and reduced by kept rows)" if reason is None else \
         f"comm-sparse ZeRO-3: off ({reason})"
 

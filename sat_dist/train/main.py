@@ -93,7 +93,7 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
     check_layer_rates(model_cfg, run.sat)
     dp = data_parallel_size(launch_world_size(), tp)
     ds = deepspeed_config(t, dp)
-    comm_sparse_wanted(t.sat_comm_sparse, run.sat, ds)  # "on" where it cannot run: the error, before any rank starts
+    comm_sparse_wanted(t.sat_comm_sparse, run.sat, ds, dp)  # "on" where it cannot run: the error, before the ranks
     datasets = None if embedded else open_datasets(t, model_cfg, dp)
     check_save_dir(t.save, t.load)
     definition = run_definition(run, model_cfg)
@@ -265,6 +265,6 @@ def _run(argv) -> int:
         f"selection={s.selection} omission attn/mlp={s.omission_attn}/{s.omission_mlp}")
     hf_sd = plan.hf_state_dict if plan.resume is None else None  # a resume takes the checkpoint's weights
     eng = build_engine(model_cfg, s, t, comm, hf_sd, ds_config=plan.ds_config)
-    log(comm_sparse_line(t.sat_comm_sparse, s, plan.ds_config))
+    log(comm_sparse_line(t.sat_comm_sparse, s, plan.ds_config, comm.dp_size))
     train(run, eng, comm, model_cfg, datasets, plan.resume, log, definition=plan.definition)
     return 0
