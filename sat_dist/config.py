@@ -463,7 +463,8 @@ class TrainConfig:
     attention and MLP weights over the data-parallel group (docs/SAT.md). on: required (an
     error where it cannot run); off: DeepSpeed gathers and reduces them whole; auto: on
     wherever it can run (ZeRO-3, SAT on, --sat-sparse-pass both, no compensation, no
-    parameter offload) at a data-parallel size above 1 (one rank sends nothing). An execution choice, not part of the run definition."""
+    parameter offload) at a data-parallel size above 1 (one rank sends nothing). An
+    execution choice, not part of the run definition."""
     max_nonfinite_steps: int = 5
     """Stop after this many non-finite (NaN/Inf) steps in a row; each one is skipped."""
     exit_interval: int = 0
