@@ -33,6 +33,8 @@ SPARSE_PASSES = ("both", "backward", "weight-grad")
 SELECTIONS = ("sampling", "topk", "pps")
 SCHEDULES = ("ladder", "constant", "dense")
 GRANULARITIES = ("step", "micro-batch")
+WGRAD_SAMPLINGS = ("pps", "topk")
+WGRAD_SCHEDULES = ("constant", "ladder")
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
 COMM_SPARSE_CHOICES = ("auto", "on", "off")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
@@ -49,6 +51,18 @@ def _parse_layer_rates(text: str) -> Optional[tuple[float, ...]]:
     except ValueError:
         raise SatDistError(f"sat.omission_mlp_layers: got {text!r}; allowed: comma-separated numbers in [0, 1), "
                            f"one per layer (e.g. 0,0.4,0.4)") from None
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_keeps(text: str) -> Optional[tuple[float, ...]]:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SatDistError(f"sat.wgrad_tokens_linears: got {text!r}; allowed: comma-separated numbers in (0, 1], "
+                           f"4 per layer (q/k/v, o, gate/up, down)") from None
 
 
 @dataclass
@@ -143,6 +157,57 @@ class SATConfig:
     first micro-batch, reused by every micro-batch and by activation recompute) or afresh
     for every micro-batch ("micro-batch"). See docs/SAT.md for what each guarantees."""
 
+    wgrad_tokens: float = 1.0
+    """Fraction of each micro-batch's tokens that the decoder linears' weight gradients (q/k/v,
+    o, gate/up, down) are computed from, in (0, 1]; 1: all (exact). The forward and the input
+    gradients stay exact; each weight gradient is one smaller GEMM over the drawn tokens
+    (docs/SAT.md, "Sampled weight gradients")."""
+
+    wgrad_sampling: str = "pps"
+    """How the tokens of a sampled weight gradient are drawn: pps (probability proportional
+    to ||dy_t|| ||x_t||, capped at 1, each drawn token weighted 1/p: unbiased) or topk (the
+    largest ||dy_t|| ||x_t||, unweighted: biased, for comparison)."""
+
+    wgrad_schedule: str = "constant"
+    """When --sat-wgrad-tokens applies: constant (every step of an enabled SAT schedule; the
+    forward is exact, so there is no sparse model for a dense end to repair) or ladder (its
+    omitted share follows the omission schedule's ladder down to a dense end)."""
+
+    wgrad_tokens_head: float = 1.0
+    """As wgrad_tokens, for the LM head's weight gradient (1: exact)."""
+
+    wgrad_tokens_linears: str = ""
+    """Per-product keep fractions, comma-separated, 4 per layer in the order q/k/v, o,
+    gate/up, down, layer 0 first (empty: every product at wgrad_tokens). Each in (0, 1].
+    tools/sat_fidelity.py --wgrad-calibrate proposes them for a FLOP budget."""
+
+    budget: float = 0.0
+    """Quality budget (0: off): every budget_interval steps the sampled weight gradients'
+    relative variance E||G_hat - G||^2 / ||G||^2 (one draw against the exact gradient on the
+    step's first micro-batch, mean over the products and ranks) is measured, logged as
+    sat/quality-gap, and the keep fractions are all scaled by one factor to bring it to this
+    value. Needs wgrad_sampling pps."""
+
+    budget_interval: int = 10
+    """Steps between two budget probes. A probe's first micro-batch computes its weight
+    gradients exactly (as dense) plus one draw to measure against them."""
+
+    budget_min_tokens: float = 0.02
+    """The lowest keep fraction the budget may lower a product to, in (0, 1]."""
+
+    @property
+    def wgrad_linear_keeps(self) -> Optional[tuple[float, ...]]:
+        """wgrad_tokens_linears as numbers (None when empty)."""
+        text = self.wgrad_tokens_linears if isinstance(self.wgrad_tokens_linears, str) else ""
+        return _parse_keeps(text)
+
+    @property
+    def samples_wgrad(self) -> bool:
+        """Whether any weight gradient is drawn from a sample of the tokens."""
+        keeps = self.wgrad_linear_keeps or ()
+        return self.enabled and (self.wgrad_tokens < 1.0 or self.wgrad_tokens_head < 1.0
+                                 or any(k < 1.0 for k in keeps) or self.budget > 0)
+
     @property
     def mlp_layer_rates(self) -> Optional[tuple[float, ...]]:
         """omission_mlp_layers as numbers (None when empty: every layer at omission_mlp). Read
@@ -201,7 +266,28 @@ class SATConfig:
                 raise fail_field(s, name, v, f"an integer >= {lo}")
         if not _is_int(self.seed) or self.seed < 0:
             raise fail_field(s, "seed", self.seed, "an integer >= 0")
+        for name in ("wgrad_tokens", "wgrad_tokens_head", "budget_min_tokens"):
+            v = getattr(self, name)
+            if not _is_number(v) or not 0.0 < v <= 1.0:
+                raise fail_field(s, name, v, "a number in (0, 1]")
+        if not isinstance(self.wgrad_tokens_linears, str):
+            raise fail_field(s, "wgrad_tokens_linears", self.wgrad_tokens_linears,
+                             "comma-separated numbers in (0, 1], 4 per layer")
+        keeps = self.wgrad_linear_keeps
+        if keeps is not None and not all(0.0 < v <= 1.0 for v in keeps):
+            raise fail_field(s, "wgrad_tokens_linears", self.wgrad_tokens_linears, "keep fractions in (0, 1]")
+        if not _is_number(self.budget) or not 0.0 <= self.budget < math.inf:
+            raise fail_field(s, "budget", self.budget, "a number >= 0 (0: off)")
+        if not _is_int(self.budget_interval) or self.budget_interval < 1:
+            raise fail_field(s, "budget_interval", self.budget_interval, "an integer >= 1")
+        if self.budget > 0 and self.wgrad_sampling != "pps":
+            raise SatDistError("--sat-budget measures the variance of unbiased sampled weight gradients, and "
+                               "--sat-wgrad-sampling topk is biased; use --sat-wgrad-sampling pps or --sat-budget 0")
         dense_forward = self.sparse_pass in ("backward", "weight-grad")
+        if dense_forward and self.samples_wgrad:
+            raise SatDistError(f"--sat-sparse-pass {self.sparse_pass} computes the MLP's weight gradients over kept "
+                               f"channels in its own backward, which does not sample tokens; use --sat-sparse-pass "
+                               f"both with --sat-wgrad-tokens (or --sat-wgrad-tokens 1)")
         if dense_forward and self.omission_attn > 0:
             raise SatDistError(f"--sat-sparse-pass {self.sparse_pass}: omits MLP channels only, but "
                                f"--sat-omission-attn is {self.omission_attn}; set --sat-omission-attn 0 or use "
@@ -217,7 +303,8 @@ class SATConfig:
 
 
 SAT_CHOICES = {"metric": METRICS, "selection": SELECTIONS, "schedule": SCHEDULES, "granularity": GRANULARITIES,
-               "compensation": COMPENSATIONS, "sparse_pass": SPARSE_PASSES}
+               "compensation": COMPENSATIONS, "sparse_pass": SPARSE_PASSES, "wgrad_sampling": WGRAD_SAMPLINGS,
+               "wgrad_schedule": WGRAD_SCHEDULES}
 """The SATConfig fields that take one of a fixed set of values (their --sat-* flags' choices)."""
 
 

@@ -27,6 +27,7 @@ command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -67,7 +68,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--recompute", action="store_true", help="--recompute-activations")
     p.add_argument("--omissions", nargs="*", default=["0.3,0.3", "0.5,0.5"],
-                   help="attention,MLP omission pairs (dense always runs)")
+                   help="settings attn,mlp[,wgrad[,head]]: attention and MLP omission rates, and the keep fractions "
+                        "of the decoder's and the LM head's sampled weight gradients (--sat-wgrad-tokens, "
+                        "--sat-wgrad-tokens-head; default 1: exact). Dense always runs")
+    p.add_argument("--sat-wgrad-sampling", default=None, help="--sat-wgrad-sampling of sat_dist (pps, topk)")
     p.add_argument("--sat-granularity", default=None, help="--sat-granularity of sat_dist (step, micro-batch)")
     p.add_argument("--align-mlp", type=int, default=128)
     p.add_argument("--sat-metric", default=None, help="--sat-metric of sat_dist (default: the project's)")
@@ -147,14 +151,17 @@ def launch(a, arm: str, argv: list[str]) -> dict | None:
 
 def summary(report: dict) -> str:
     lines = [f"{report['device']} | {report['date']} | {report['commit']} | {report['command']}",
-             "| arm | omission attn,mlp | step s (median, min-max) | tokens/s | speedup | FLOP-ideal | of ideal "
+             "| arm | omission attn,mlp | wgrad keep decoder,head | step s (median, min-max) | tokens/s | speedup "
+             "| FLOP-ideal | of ideal "
              "| peak mem/rank GB | fwd / bwd / opt s | ZeRO / TP comm s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm in ("sat_dist", "peer"):
         for r in report.get(arm, {}).get("settings", []):
             lo, hi = min(r["step_s"]), max(r["step_s"])
             lines.append(
-                f"| {arm} | {r['omission'][0]},{r['omission'][1]} | {r['median_step_s']:.2f} ({lo:.2f}-{hi:.2f}) "
+                f"| {arm} | {r['omission'][0]},{r['omission'][1]} "
+                f"| {r.get('wgrad_keep', 1.0):g},{r.get('wgrad_keep_head', 1.0):g} "
+                f"| {r['median_step_s']:.2f} ({lo:.2f}-{hi:.2f}) "
                 f"| {r['tokens_per_s']:.1f} | {r['speedup']:.3f} | {r['flop_ideal_speedup']:.3f} "
                 f"| {r['fraction_of_ideal']:.3f} | {r['peak_memory_gb']:.2f} "
                 f"| {r['forward_s']:.2f} / {r['backward_s']:.2f} / {r['optimizer_s']:.2f} "
@@ -229,6 +236,7 @@ def worker(a) -> int:
                     sat_comm_sparse=a.sat_comm_sparse if a.worker == "sat_dist" else "off")
     if a.worker == "sat_dist":
         sat_kw = {k: v for k, v in (("granularity", a.sat_granularity), ("metric", a.sat_metric),
+                                    ("wgrad_sampling", a.sat_wgrad_sampling),
                                     ("selection", a.sat_selection), ("compensation", a.sat_compensation),
                                     ("sparse_pass", a.sat_sparse_pass), ("token_stride", a.sat_token_stride))
                   if v}
@@ -240,10 +248,10 @@ def worker(a) -> int:
 
         eng = build_engine(cfg, sat_cfg, t, comm)
         engine, sat, ds = eng.engine, eng.sat, eng.ds_config
-        settings = [(0.0, 0.0)] + [tuple(float(v) for v in o.split(",")) for o in a.omissions]
+        settings = [(0.0, 0.0, 1.0, 1.0)] + [_setting(o) for o in a.omissions]
     else:
         engine, ds = build_peer(cfg, t, comm)
-        sat, settings = None, [(0.0, 0.0)]
+        sat, settings = None, [(0.0, 0.0, 1.0, 1.0)]
     accum = ds["gradient_accumulation_steps"]
     gbs = ds["train_batch_size"]
     gen = torch.Generator().manual_seed(1234 + comm.dp_rank)
@@ -257,14 +265,16 @@ def worker(a) -> int:
     mem = PeakMemory(dev)
     step = [0]
 
-    def one_step(attn: float, mlp: float, timed_comm: bool = False) -> dict:
+    def one_step(attn: float, mlp: float, wgrad: float = 1.0, head: float = 1.0, timed_comm: bool = False) -> dict:
         phases = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
+        if sat is not None:  # this setting's sampled weight gradients (all layers read sat.cfg)
+            sat.cfg = dataclasses.replace(sat_cfg, wgrad_tokens=wgrad, wgrad_tokens_head=head)
         if timed_comm:
             comm_timer.install()
         t_start = _now(dev)
         for micro, ids in enumerate(batches):
             if sat is not None:
-                sat.set_step(step[0], micro, attn, mlp)
+                sat.set_step(step[0], micro, attn, mlp, wgrad=1.0)
             x, y = ids[:, :-1].to(dev), ids[:, 1:].to(dev)
             comm_timer.phase = "forward"
             t0 = _now(dev)
@@ -319,7 +329,7 @@ def worker(a) -> int:
     kept = {}
     if sat is not None:
         for s in settings:
-            sat.set_step(step[0], 0, *s)
+            sat.set_step(step[0], 0, *s[:2])
             with torch.no_grad():
                 engine(batches[0][:, :-1].to(dev), batches[0][:, 1:].to(dev))
             kept[s] = _keep_fractions(sat, cfg.num_layers)
@@ -335,7 +345,7 @@ def worker(a) -> int:
             times = [max(r[str(s)]["times"][i] for r in everyone) for i in range(a.rounds)]
             med = statistics.median(times)
             ka, km = kept.get(s, (1.0, 1.0))
-            executed = model_flops(cfg, gbs, a.seq, ka, km, a.sat_sparse_pass or "both")
+            executed = model_flops(cfg, gbs, a.seq, ka, km, a.sat_sparse_pass or "both", s[2], s[3])
             phase = {k: statistics.median(p[k] for p in everyone[0][str(s)]["phases"])
                      for k in ("forward_s", "backward_s", "optimizer_s")}
             c = everyone[0][str(s)]["comm"]
@@ -344,7 +354,8 @@ def worker(a) -> int:
             model = step_bytes(cfg, comm.dp_size, comm.tp_size, a.micro_batch * a.seq, accum, ka, km,
                                a.sat_token_stride or 8, w_bytes=elt, g_bytes=4, x_bytes=elt, regather=regather)
             settings_out.append({"sat_weight_bytes_per_rank": row_bytes.get(s), "bytes_model_per_rank": model,
-                                 "omission": list(s), "keep_fraction_attn": ka, "keep_fraction_mlp": km,
+                                 "omission": list(s[:2]), "wgrad_keep": s[2], "wgrad_keep_head": s[3],
+                                 "keep_fraction_attn": ka, "keep_fraction_mlp": km,
                                  "step_s": [round(x, 4) for x in times], "median_step_s": med,
                                  "tokens_per_s": gbs * a.seq / med, **phase,
                                  "comm_zero_s": c.get("zero", 0.0), "comm_tp_s": c.get("tp", 0.0),
@@ -394,6 +405,14 @@ def build_peer(cfg, t, comm):
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds,
                                            dist_init_required=False)
     return engine, ds
+
+
+def _setting(text: str) -> tuple[float, float, float, float]:
+    """attn,mlp[,wgrad[,head]] -> (attn, mlp, wgrad keep, head keep)."""
+    v = [float(x) for x in text.split(",")]
+    if not 2 <= len(v) <= 4:
+        raise SystemExit(f"error: --omissions {text!r}: give attn,mlp[,wgrad[,head]]")
+    return tuple(v + [1.0] * (4 - len(v)))
 
 
 def _keep_fractions(sat, layers: int) -> tuple[float, float]:

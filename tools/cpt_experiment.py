@@ -46,6 +46,13 @@ def sat(metric: str, selection: str, attn: str, mlp: str, *more: str) -> list[st
             "--sat-omission-attn", attn, "--sat-omission-mlp", mlp, *more]
 
 
+def wg(keep: str, *more: str) -> list[str]:
+    """A sampled-weight-gradient arm's flags (issue [O]): no unit omitted, every decoder linear's weight
+    gradient from `keep` of each micro-batch's tokens, every step (constant schedule, no dense end)."""
+    return ["--sat-schedule", "constant", "--sat-omission-attn", "0", "--sat-omission-mlp", "0",
+            "--sat-wgrad-tokens", keep, *more]
+
+
 LAYERS_033 = ("0,0,0,0,0.333333,0.666667,0.333333,0.333333,0,0.333333,0.5,0.333333,0.666667,0.5,0.333333,"
               "0.333333,0.333333,0.5,0.5,0.333333,0.5,0.5,0.333333,0.333333,0.5,0.5,0.333333,0.333333,0.333333,0")
 """--sat-omission-mlp-layers of the layers-0.33 arm (SmolLM2-135M's 30 layers, mean 1/3)."""
@@ -100,6 +107,22 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "dense-replay": ("dense, 10% of each batch replayed from the old domain (--data-path 0.9 new 0.1 old)",
                      ["--sat-schedule", "dense"]),
     "sat-replay": ("the project's SAT defaults, with 10% replay", []),
+    # Sparse training that pays (issue [O]): exact forward and input gradients, weight gradients
+    # from a sample of the tokens (pps: probability proportional to ||dy_t|| ||x_t||, weighted 1/p).
+    "wg-0.5": ("every decoder linear's weight gradient from half of the tokens (pps, unbiased)", wg("0.5")),
+    "wg-0.25": ("every decoder linear's weight gradient from a quarter of the tokens (pps, unbiased)", wg("0.25")),
+    "wg-0.1": ("every decoder linear's weight gradient from a tenth of the tokens (pps, unbiased)", wg("0.1")),
+    "wg-0.25-topk": ("as wg-0.25, the quarter with the largest ||dy_t|| ||x_t||, unweighted (biased)",
+                     wg("0.25", "--sat-wgrad-sampling", "topk")),
+    "wg-0.25-head": ("as wg-0.25, the LM head's weight gradient from a quarter of the tokens too",
+                     wg("0.25", "--sat-wgrad-tokens-head", "0.25")),
+    "wg-0.1-head": ("as wg-0.1, the LM head's weight gradient from a tenth of the tokens too",
+                    wg("0.1", "--sat-wgrad-tokens-head", "0.1")),
+    "wg-0.25-mlp0.1": ("as wg-0.25-head, with the project's MLP omission (activation, top-k, 0.1, ladder)",
+                       ["--sat-schedule", "ladder", "--sat-metric", "activation", "--sat-selection", "topk",
+                        "--sat-omission-attn", "0", "--sat-omission-mlp", "0.1", "--sat-wgrad-tokens", "0.25",
+                        "--sat-wgrad-tokens-head", "0.25"]),
+    "dense-seed2": ("dense, seed 4321 (data order)", ["--sat-schedule", "dense", "--seed", "4321"]),
 }
 
 REPLAY_SHARE = {"dense-replay": 0.1, "sat-replay": 0.1}

@@ -225,7 +225,13 @@ _BACKFILL = {"sat-granularity": lambda d: "micro-batch", "sat-compensation": lam
              "lr-decay-iters": lambda d: d.get("train-iters"), "lr-wsd-decay-iters": lambda d: None,
              "lr-wsd-decay-style": lambda d: None, "rope_scaling": lambda d: None,
              # only --sat-selection pps reads it, which older checkpoints could not run
-             "sat-pps-floor": lambda d: SATConfig.pps_floor, "sat-omission-mlp-layers": lambda d: ""}
+             "sat-pps-floor": lambda d: SATConfig.pps_floor, "sat-omission-mlp-layers": lambda d: "",
+             # before --sat-wgrad-tokens every weight gradient was exact
+             "sat-wgrad-tokens": lambda d: 1.0, "sat-wgrad-sampling": lambda d: SATConfig.wgrad_sampling,
+             "sat-wgrad-schedule": lambda d: SATConfig.wgrad_schedule, "sat-wgrad-tokens-head": lambda d: 1.0,
+             "sat-wgrad-tokens-linears": lambda d: "", "sat-budget": lambda d: 0.0,
+             "sat-budget-interval": lambda d: SATConfig.budget_interval,
+             "sat-budget-min-tokens": lambda d: SATConfig.budget_min_tokens}
 
 OVERRIDE_FLAG = "--override-opt_param-scheduler"
 

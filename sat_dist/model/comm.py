@@ -45,6 +45,9 @@ class ParallelComm:
     reduce_over_dp: Callable[[torch.Tensor, str], torch.Tensor] = no_reduce
     """Combine a SAT statistic over the data-parallel group ("sum" or "max"), no grad."""
 
+    sum_over_tp: Callable[[torch.Tensor], torch.Tensor] = _identity
+    """Sum a tensor over the TP group, no grad (a SAT statistic of TP-split features)."""
+
     vocab_cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _cross_entropy
     """Per-token loss from vocabulary-parallel logits [b, s, V/tp] and targets [b, s]."""
 

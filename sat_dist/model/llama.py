@@ -32,17 +32,23 @@ from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.model.layout import layout_of
 from sat_dist.model.rope import inverse_frequencies, rope_scaling_key
 from sat_dist.model.sat_state import SATState
-from sat_dist.model.sparse_ops import backward_sparse_mlp, kept_linear, unit_rows
+from sat_dist.model.sparse_ops import backward_sparse_mlp, kept_linear, sampled_linear, unit_rows
 from sat_dist.sat.compensation import omitted_mean_bias
 from sat_dist.sat.importance import attention_scores, mlp_scores, mlp_scores_and_mean
 
 
 def check_layer_rates(cfg: ModelConfig, sat: Optional[SATConfig]) -> None:
-    """--sat-omission-mlp-layers names one rate per layer of this model."""
+    """--sat-omission-mlp-layers names one rate per layer of this model, and
+    --sat-wgrad-tokens-linears four keep fractions per layer."""
     rates = sat.mlp_layer_rates if sat is not None else None
     if rates is not None and len(rates) != cfg.num_layers:
         raise SatDistError(f"--sat-omission-mlp-layers: {len(rates)} rates for a model of {cfg.num_layers} "
                            f"layers; give one rate per layer, layer 0 first")
+    keeps = sat.wgrad_linear_keeps if sat is not None else None
+    if keeps is not None and len(keeps) != 4 * cfg.num_layers:
+        raise SatDistError(f"--sat-wgrad-tokens-linears: {len(keeps)} keep fractions for a model of {cfg.num_layers} "
+                           f"layers; give 4 per layer ({4 * cfg.num_layers}: q/k/v, o, gate/up, down, layer 0 "
+                           f"first)")
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, align_mlp: int = 1) -> None:
@@ -144,16 +150,20 @@ class SATAttention(nn.Module):
             def score(gen, stride):
                 return zero.attention_scores(x, qkv_w, proj_w, r, d, self.comm.reduce_over_dp, gen, stride)
         kept = self.sat.kept_units(self.layer, "attn", self.groups, x.device, score)
+        # Weight gradients from a sample of the tokens (None: from all): qkv's output and
+        # proj's input are the features TP splits.
+        s_qkv = self.sat.wgrad_sampler(self.layer, "qkv", "dy")
+        s_proj = self.sat.wgrad_sampler(self.layer, "proj", "x")
         x = self.comm.copy_to_tp(x)
         if zero is not None:
             g = self.groups if kept is None else kept.numel()
-            qkv = zero.linear(x, qkv_w, None if kept is None else unit_rows(kept, (r + 2) * d))
+            qkv = zero.linear(x, qkv_w, None if kept is None else unit_rows(kept, (r + 2) * d), sampler=s_qkv)
         elif kept is None:
             g = self.groups
-            qkv = F.linear(x, self.qkv_weight)
+            qkv = sampled_linear(x, self.qkv_weight, s_qkv)
         else:
             g = kept.numel()  # kept groups on this rank
-            qkv = kept_linear(x, self.qkv_weight, kept, unit_rows=(r + 2) * d)
+            qkv = kept_linear(x, self.qkv_weight, kept, unit_rows=(r + 2) * d, sampler=s_qkv)
         qkv = qkv.view(b, s, g, r + 2, d)
         q = qkv[:, :, :, :r].reshape(b, s, g * r, d).transpose(1, 2)  # [b, g*r, s, d]
         k = qkv[:, :, :, r].transpose(1, 2)  # [b, g, s, d]
@@ -175,11 +185,12 @@ class SATAttention(nn.Module):
                                              enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, s, g * r * d)  # [b, s, g*r*d]
         if zero is not None:
-            y = zero.linear(out, proj_w, None if kept is None else unit_rows(kept, r * d), kept_in=True)
+            y = zero.linear(out, proj_w, None if kept is None else unit_rows(kept, r * d), kept_in=True,
+                            sampler=s_proj)
         elif kept is None:
-            y = torch.matmul(out, self.proj_weight)  # [b, s, h] partial over TP
+            y = sampled_linear(out, self.proj_weight, s_proj, kept_in=True)  # [b, s, h] partial over TP
         else:
-            y = kept_linear(out, self.proj_weight, kept, unit_rows=r * d, kept_in=True)
+            y = kept_linear(out, self.proj_weight, kept, unit_rows=r * d, kept_in=True, sampler=s_proj)
         return self.comm.reduce_from_tp(y)
 
 
@@ -213,18 +224,25 @@ class SATMLP(nn.Module):
             lambda gen, stride: score(
                 self.sat.cfg.metric, x, self.fc1_weight, self.fc2_weight,
                 self.comm.reduce_over_dp, gen, stride))
+        s1, s2 = self._samplers()
         x = self.comm.copy_to_tp(x)
         if kept is None:
-            gate, up = F.linear(x, self.fc1_weight).chunk(2, dim=-1)  # [b, s, f] each
-            return self.comm.reduce_from_tp(torch.matmul(F.silu(gate) * up, self.fc2_weight))
+            gate, up = sampled_linear(x, self.fc1_weight, s1).chunk(2, dim=-1)  # [b, s, f] each
+            return self.comm.reduce_from_tp(sampled_linear(F.silu(gate) * up, self.fc2_weight, s2, kept_in=True))
         # Channel j is row j (gate) and row f + j (up) of fc1: one product for both.
-        gate, up = kept_linear(x, self.fc1_weight, torch.cat((kept, kept + self.f))).chunk(2, dim=-1)  # [b, s, k]
-        y = kept_linear(F.silu(gate) * up, self.fc2_weight, kept, kept_in=True)  # [b, s, h] partial over TP
+        gate, up = kept_linear(x, self.fc1_weight, torch.cat((kept, kept + self.f)),
+                               sampler=s1).chunk(2, dim=-1)  # [b, s, k]
+        y = kept_linear(F.silu(gate) * up, self.fc2_weight, kept, kept_in=True, sampler=s2)  # [b, s, h] partial
         mean = self.sat.selection_mean(self.layer, "mlp") if compensate else None
         if mean is not None:
             # A constant of the step: the omitted channels' weights get no gradient from it.
             y = y + omitted_mean_bias(mean, kept, self.fc2_weight).to(y.dtype)  # [h] partial over TP
         return self.comm.reduce_from_tp(y)
+
+    def _samplers(self):
+        """The weight gradients' token samplers of fc1 and fc2 this micro-batch (None: exact);
+        fc1's output and fc2's input are the features TP splits."""
+        return self.sat.wgrad_sampler(self.layer, "fc1", "dy"), self.sat.wgrad_sampler(self.layer, "fc2", "x")
 
     def _forward_row_sparse(self, x: torch.Tensor) -> torch.Tensor:
         # Under comm-sparse ZeRO-3 only the kept rows are gathered, and only their gradients
@@ -234,10 +252,11 @@ class SATMLP(nn.Module):
         kept = self.sat.kept_units(
             self.layer, "mlp", self.f, x.device,
             lambda gen, stride: zero.mlp_scores(x, fc1, fc2, self.comm.reduce_over_dp, gen, stride))
+        s1, s2 = self._samplers()
         x = self.comm.copy_to_tp(x)
         fc1_rows = None if kept is None else torch.cat((kept, kept + self.f))  # gate rows, then up rows
-        gate, up = zero.linear(x, fc1, fc1_rows).chunk(2, dim=-1)  # [b, s, k] each
-        y = zero.linear(F.silu(gate) * up, fc2, kept, kept_in=True)  # [b, s, h] partial over TP
+        gate, up = zero.linear(x, fc1, fc1_rows, sampler=s1).chunk(2, dim=-1)  # [b, s, k] each
+        y = zero.linear(F.silu(gate) * up, fc2, kept, kept_in=True, sampler=s2)  # [b, s, h] partial over TP
         return self.comm.reduce_from_tp(y)
 
     def _forward_dense_backward_sparse(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,14 +321,17 @@ class OutputLayer(nn.Module):
     """LM head, column-parallel over the vocabulary; padded vocabulary entries are masked
     out of the softmax so that the loss equals an unpadded model's."""
 
-    def __init__(self, vocab_local: int, h: int, vocab_size: int, comm: ParallelComm, std: float):
+    def __init__(self, vocab_local: int, h: int, vocab_size: int, comm: ParallelComm, std: float,
+                 sat: SATState | None = None, layer: int = 0):
         super().__init__()
-        self.comm = comm
+        self.comm, self.sat, self.layer = comm, sat, layer
         self.weight = _init_weight(vocab_local, h, std=std)
         self.valid = max(0, min(vocab_local, vocab_size - comm.tp_rank * vocab_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h] -> [b, s, V/tp]
-        logits = F.linear(self.comm.copy_to_tp(x), self.weight)
+        # --sat-wgrad-tokens-head: the head's weight gradient from a sample of the tokens
+        sampler = None if self.sat is None else self.sat.wgrad_sampler(self.layer, "head", "dy")
+        logits = sampled_linear(self.comm.copy_to_tp(x), self.weight, sampler)
         if self.valid < logits.shape[-1]:
             pad = torch.arange(logits.shape[-1], device=logits.device) >= self.valid
             logits = logits.masked_fill(pad, float("-inf"))
@@ -341,7 +363,7 @@ class LlamaModel(nn.Module):
         self.embedding = VocabParallelEmbedding(vocab_local, cfg.hidden_size, comm, std)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, sat, comm) for i in range(cfg.num_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.output_layer = OutputLayer(vocab_local, cfg.hidden_size, cfg.vocab_size, comm, std)
+        self.output_layer = OutputLayer(vocab_local, cfg.hidden_size, cfg.vocab_size, comm, std, sat, cfg.num_layers)
         if cfg.tie_word_embeddings:
             self.output_layer.weight = self.embedding.weight
         for name, p in self.named_parameters():

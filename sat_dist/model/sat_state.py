@@ -18,9 +18,12 @@ import torch
 
 from sat_dist.config import SATConfig
 from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
+from sat_dist.model.token_sampler import TokenSampler, WGradProbe
 from sat_dist.sat.selection import layer_keep_count, pps_units, select_units, selection_generator
 
 KINDS = ("attn", "mlp")
+PRODUCTS = ("qkv", "proj", "fc1", "fc2")
+"""A decoder layer's linear products, in the order of --sat-wgrad-tokens-linears."""
 ScoresOut = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -42,9 +45,42 @@ class SATState:
         #                  Horvitz-Thompson weights 1/pi of the kept units or None)
         self._made: dict[tuple[int, str], tuple] = {}
 
-    def set_step(self, step: int, micro: int = 0, attn: float = 0.0, mlp: float = 0.0) -> None:
+        self.wgrad = 0.0
+        """The omitted token shares' multiplier this step (OmissionSchedule.wgrad_fraction)."""
+        self.wgrad_scale = 1.0
+        """The quality budget's multiplier of every keep fraction (1 without --sat-budget)."""
+        self.probe: Optional[WGradProbe] = None
+        """Set by the loop on a budget probe micro-batch: the samplers draw twice into it."""
+
+    def set_step(self, step: int, micro: int = 0, attn: float = 0.0, mlp: float = 0.0, wgrad: float = 0.0) -> None:
         self.step, self.micro = int(step), int(micro)
         self.rates = {"attn": float(attn), "mlp": float(mlp)}
+        self.wgrad = float(wgrad)
+
+    def wgrad_keep(self, layer: int, product: str) -> float:
+        """The fraction of tokens the weight gradient of `product` ("qkv", "proj", "fc1", "fc2",
+        or "head" with layer = the layer count) is computed from this step (1: exact)."""
+        cfg = self.cfg
+        if cfg is None or self.wgrad <= 0.0:
+            return 1.0
+        if product == "head":
+            keep = cfg.wgrad_tokens_head
+        else:
+            keeps = cfg.wgrad_linear_keeps
+            keep = cfg.wgrad_tokens if keeps is None else keeps[layer * len(PRODUCTS) + PRODUCTS.index(product)]
+        if cfg.budget > 0 and keep < 1.0:
+            keep = min(1.0, max(cfg.budget_min_tokens, keep * self.wgrad_scale))
+        return 1.0 - (1.0 - keep) * self.wgrad
+
+    def wgrad_sampler(self, layer: int, product: str, sharded: Optional[str]) -> Optional[TokenSampler]:
+        """The TokenSampler of `product`'s weight gradient in this micro-batch, or None (exact).
+        sharded: "x" or "dy", the operand that TP splits by features (None at TP 1)."""
+        keep = self.wgrad_keep(layer, product)
+        if keep >= 1.0:
+            return None
+        key = (self.cfg.seed, self.step, self.micro, layer, product, self.comm.dp_rank)
+        return TokenSampler(keep, self.cfg.wgrad_sampling, key, sharded if self.comm.tp_size > 1 else None,
+                            self.comm.sum_over_tp, self.probe)
 
     def align(self, kind: str) -> int:
         if self.cfg is None:

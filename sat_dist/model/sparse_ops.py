@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from sat_dist.model.token_sampler import weight_grad_operands
+
 
 def _gather(weight: torch.Tensor, idx: torch.Tensor, unit_rows: int) -> torch.Tensor:
     """The kept units' row blocks of `weight` [n*unit_rows, h] -> [k*unit_rows, h]."""
@@ -59,10 +61,10 @@ def _weight_grad(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, unit_rows:
 
 class _KeptLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, idx, unit_rows: int, kept_in: bool):
+    def forward(ctx, x, weight, idx, unit_rows: int, kept_in: bool, sampler):
         w = _gather(weight, idx, unit_rows)  # [k*unit_rows, h]
         ctx.save_for_backward(x, weight, idx)
-        ctx.unit_rows, ctx.kept_in = unit_rows, kept_in
+        ctx.unit_rows, ctx.kept_in, ctx.sampler = unit_rows, kept_in, sampler
         # kept_in: the kept rows are the product's INPUT features (W_down^T, W_o^T layouts)
         return torch.matmul(x, w) if kept_in else torch.matmul(x, w.t())
 
@@ -70,31 +72,61 @@ class _KeptLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, idx = ctx.saved_tensors
         w = _gather(weight, idx, ctx.unit_rows)  # re-gathered: nothing was kept from forward
-        x2 = x.reshape(-1, x.shape[-1])
-        g2 = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_w = None
-        if ctx.kept_in:  # y = x @ w, w [k, h_out]
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.matmul(grad_y, w.t())
-            if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(grad_y, w.t()) if ctx.kept_in else torch.matmul(grad_y, w)
+        if ctx.needs_input_grad[1]:
+            # [T, in], [T, out]: all tokens, or the drawn ones (--sat-wgrad-tokens)
+            x2, g2 = weight_grad_operands(x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1]),
+                                          ctx.sampler)
+            if ctx.kept_in:  # y = x @ w, w [k, h_out]
                 grad_w = _weight_grad(x2.t(), g2, idx, ctx.unit_rows, weight.shape)
-        else:  # y = x @ w^T, w [k, h_in]
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.matmul(grad_y, w)
-            if ctx.needs_input_grad[1]:
+            else:  # y = x @ w^T, w [k, h_in]
                 grad_w = _weight_grad(g2.t(), x2, idx, ctx.unit_rows, weight.shape)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def kept_linear(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, unit_rows: int = 1,
-                kept_in: bool = False) -> torch.Tensor:
+                kept_in: bool = False, sampler=None) -> torch.Tensor:
     """x @ W_kept^T (kept_in=False: kept units are output features) or x @ W_kept
     (kept_in=True: kept units are input features, x holds only their columns).
 
     idx: kept unit indices (unique) of `weight` viewed as [units, unit_rows, h]; omitted
-    units get exactly zero gradient.
+    units get exactly zero gradient. sampler: a TokenSampler (the weight gradient from the
+    tokens it draws) or None (from all tokens).
     """
-    return _KeptLinear.apply(x, weight, idx, unit_rows, kept_in)
+    return _KeptLinear.apply(x, weight, idx, unit_rows, kept_in, sampler)
+
+
+class _SampledWGradLinear(torch.autograd.Function):
+    """A dense product whose weight gradient comes from the tokens a TokenSampler draws: the
+    forward and the input gradient are exact; the weight gradient is one GEMM over k of the
+    T tokens (k/T of dense's third of the product's training FLOPs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, kept_in: bool, sampler):
+        ctx.save_for_backward(x, weight)
+        ctx.kept_in, ctx.sampler = kept_in, sampler
+        return torch.matmul(x, weight) if kept_in else torch.matmul(x, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(grad_y, weight.t()) if ctx.kept_in else torch.matmul(grad_y, weight)
+        if ctx.needs_input_grad[1]:
+            xs, gs = ctx.sampler.operands(x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1]))
+            grad_w = xs.t() @ gs if ctx.kept_in else gs.t() @ xs  # [in, out] or [out, in]
+        return grad_x, grad_w, None, None
+
+
+def sampled_linear(x: torch.Tensor, weight: torch.Tensor, sampler=None, kept_in: bool = False) -> torch.Tensor:
+    """x @ W^T (kept_in=False, weight [out, in]) or x @ W (kept_in=True, weight [in, out]),
+    with the weight gradient from the tokens `sampler` draws; sampler None: plain autograd."""
+    if sampler is None:
+        return torch.matmul(x, weight) if kept_in else torch.nn.functional.linear(x, weight)
+    return _SampledWGradLinear.apply(x, weight, kept_in, sampler)
 
 
 class _DenseForwardSparseBackwardMLP(torch.autograd.Function):

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sat_dist.model.token_sampler import weight_grad_operands
 from sat_dist.parallel.zero_bytes import scoring_bytes
 from sat_dist.sat.importance import attention_scores, mlp_scores, no_reduce
 
@@ -273,14 +274,15 @@ class RowSparseZero:
     # ------------------------------------------------------------------ products
 
     def linear(self, x: torch.Tensor, p: torch.nn.Parameter, rows: Optional[torch.Tensor],
-               kept_in: bool = False) -> torch.Tensor:
+               kept_in: bool = False, sampler=None) -> torch.Tensor:
         """x @ W[rows]^T (kept_in=False: the rows are output features) or x @ W[rows]
         (kept_in=True: x holds only the kept input features); rows: sorted (SAT's selections
-        are), None: all."""
+        are), None: all. sampler: a TokenSampler (the weight gradient from the tokens it
+        draws) or None."""
         # The shares are computed once per product, on the host (one transfer of the row
         # indices); forward gather, backward gather and reduce share them.
         lay = self.layout(p, None if rows is None else rows.cpu())
-        return _RowSparseLinear.apply(x, _Ref(p), self, lay, kept_in)
+        return _RowSparseLinear.apply(x, _Ref(p), self, lay, kept_in, sampler)
 
 
 def _select(rows_view: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -328,13 +330,13 @@ class _Ref:
 
 class _RowSparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ref, zero, lay, kept_in):
+    def forward(ctx, x, ref, zero, lay, kept_in, sampler):
         w = zero.gather_rows(ref.p, lay, "forward_gather")  # [k, h]
         # The gathered rows are kept for backward only where ZeRO-3 would keep the whole
         # weight; otherwise they are gathered again, as ZeRO-3 does.
         keep = id(ref.p) in zero.keep_for_backward
         ctx.save_for_backward(x, w if keep else None)
-        ctx.ref, ctx.zero, ctx.lay, ctx.kept_in = ref, zero, lay, kept_in
+        ctx.ref, ctx.zero, ctx.lay, ctx.kept_in, ctx.sampler = ref, zero, lay, kept_in, sampler
         return torch.matmul(x, w) if kept_in else torch.matmul(x, w.t())
 
     @staticmethod
@@ -343,8 +345,9 @@ class _RowSparseLinear(torch.autograd.Function):
         zero, p, lay = ctx.zero, ctx.ref.p, ctx.lay
         if w is None:
             w = zero.gather_rows(p, lay, "backward_gather")
-        x2 = x.reshape(-1, x.shape[-1])
-        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        # [T, in], [T, out]: all tokens, or the drawn ones (--sat-wgrad-tokens)
+        x2, g2 = weight_grad_operands(x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1]),
+                                      ctx.sampler)
         if ctx.kept_in:  # y = x @ w, w [k, h_out]
             grad_x = torch.matmul(grad_y, w.t()) if ctx.needs_input_grad[0] else None
             grad_w = x2.t() @ g2
@@ -352,7 +355,7 @@ class _RowSparseLinear(torch.autograd.Function):
             grad_x = torch.matmul(grad_y, w) if ctx.needs_input_grad[0] else None
             grad_w = g2.t() @ x2
         zero.reduce_rows(p, lay, grad_w)
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 def reuse_distance_keeps(layer_params: list[list[torch.nn.Parameter]], head_numel: int, ds: dict) -> frozenset:

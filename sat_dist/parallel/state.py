@@ -92,6 +92,13 @@ def comm_from_parallel_state() -> ParallelComm:
         comm.copy_to_tp = mappings.copy_to_tensor_model_parallel_region
         comm.reduce_from_tp = mappings.reduce_from_tensor_model_parallel_region
         comm.vocab_cross_entropy = lambda logits, target: vocab_parallel_cross_entropy(logits.float(), target)
+        tp_group = ps.get_tensor_model_parallel_group()
+
+        def sum_over_tp(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            dist.all_reduce(t, group=tp_group)
+            return t
+        comm.sum_over_tp = sum_over_tp
     else:
         comm.vocab_cross_entropy = _cross_entropy
     return comm

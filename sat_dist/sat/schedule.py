@@ -73,6 +73,14 @@ class OmissionSchedule:
         rung = min(int((step - sparse_end) / rung_len), L - 1)
         return _ladder_fractions(L)[rung + 1]
 
+    def wgrad_fraction(self, step: int) -> float:
+        """Multiplier in [0, 1] of the omitted token shares of the sampled weight gradients at
+        `step` (--sat-wgrad-schedule): 1 at every step of an enabled schedule (constant), or
+        the omission ladder's fraction (ladder)."""
+        if not self.cfg.enabled:
+            return 0.0
+        return 1.0 if self.cfg.wgrad_schedule == "constant" else self.fraction(step)
+
     def rates(self, step: int) -> tuple[float, float]:
         """(attention omission rate, MLP omission rate) at `step`."""
         f = self.fraction(step)

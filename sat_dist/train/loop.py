@@ -18,11 +18,13 @@ from sat_dist.data.documents import document_inputs
 from sat_dist.errors import SatDistError
 from sat_dist.faults import fault_point
 from sat_dist.model.comm import ParallelComm
+from sat_dist.model.token_sampler import WGradProbe
+from sat_dist.sat.budget import WGradBudget
 from sat_dist.sat.schedule import OmissionSchedule
 from sat_dist.sat.selection import layer_keep_count
 from sat_dist.train.arguments import RunConfig, run_definition
 from sat_dist.train.engine import Engine
-from sat_dist.train.metrics import ExecutedFlops, TensorBoardLog, device_peak_flops
+from sat_dist.train.metrics import ExecutedFlops, TensorBoardLog, device_peak_flops, product_flops
 from sat_dist.train.preemption import PreemptionFlag
 
 
@@ -150,6 +152,13 @@ class Trainer:
         self.valid_sets = {k: (ds, eval_micro_batches(ds, run, comm.dp_size))
                            for k, ds in datasets.items() if k == "valid" or k.startswith("valid/")}
         self.flops = ExecutedFlops(model_cfg, self.gbs, t.seq_length, run.sat.sparse_pass)
+        self._product_flops = product_flops(model_cfg)
+        self.budget = None
+        if run.sat.budget > 0:
+            sat = run.sat
+            keeps = list(sat.wgrad_linear_keeps or [sat.wgrad_tokens]) + [sat.wgrad_tokens_head]
+            self.budget = WGradBudget.for_keeps(sat.budget, keeps, sat.budget_min_tokens)
+            eng.sat.wgrad_scale = self.budget.scale
         self.last = t.exit_interval if 0 < t.exit_interval < t.train_iters else t.train_iters
         self.peak = self._peak_flops(t)
         self.p = Progress()
@@ -210,6 +219,9 @@ class Trainer:
         else:
             p.iteration, p.consumed_samples = saved_iteration, manifest["consumed_samples"]
             self.data_pos = self.train_ds.start(position_from_manifest(manifest, self.train_ds))
+            if self.budget is not None and isinstance(manifest.get("sat_budget"), dict):
+                self.budget.restore(manifest["sat_budget"])  # the scale the run had reached
+                self.eng.sat.wgrad_scale = self.budget.scale
             self._saved_at = p.iteration
             new_stage = t.override_opt_param_scheduler and bool(definition_changes(manifest, self.definition))
             self.stage_start = saved_iteration if new_stage else manifest.get("stage_start_iteration", 0)
@@ -312,15 +324,22 @@ class Trainer:
         step's only host synchronisation, carries both the loss and that flag)."""
         t, p, eng = self.t, self.p, self.eng
         attn_rate, mlp_rate = self.schedule.rates(p.iteration)
+        wgrad = self.schedule.wgrad_fraction(p.iteration)
+        budget = self.budget
+        # A budget probe: the step's first micro-batch draws its weight gradients twice.
+        probe = (WGradProbe() if budget is not None and wgrad > 0
+                 and p.iteration % self.run_cfg.sat.budget_interval == 0 else None)
         loss_sum = torch.zeros((), device=self.dev)
         for micro, (ids, labels) in enumerate(self.train_ds.step_batches(
                 self.data_pos, self.gbs, t.micro_batch_size, self.comm.dp_rank, self.comm.dp_size)):
-            eng.sat.set_step(p.iteration, micro, attn_rate, mlp_rate)
+            eng.sat.set_step(p.iteration, micro, attn_rate, mlp_rate, wgrad)
+            eng.sat.probe = probe if micro == 0 else None
             self._check_token_ids(labels)
             loss = micro_batch_loss(eng, ids, labels, self.run_cfg, self.train_ds, self.dev)
             eng.backward(loss)
             eng.step()
             loss_sum += loss.detach()
+        eng.sat.probe = None
         p.iteration += 1
         p.consumed_samples += self.gbs
         self.train_ds.advance(self.data_pos, self.gbs)
@@ -332,12 +351,21 @@ class Trainer:
         gn = eng.grad_norm()
         gn = torch.as_tensor(float("nan") if gn is None else gn, dtype=torch.float32, device=self.dev)
         stop = torch.tensor(float(preemption.received is not None), device=self.dev)
-        stats = torch.stack([loss_sum / eng.grad_accum, stop, gn.reshape(()) / world])
+        variances = None if probe is None else probe.relative_variances()
+        gap = torch.zeros((), device=self.dev) if variances is None else variances.mean().float().to(self.dev)
+        stats = torch.stack([loss_sum / eng.grad_accum, stop, gn.reshape(()) / world, gap / world])
         dist.all_reduce(stats)
-        loss_total, stop_votes, gn = stats.tolist()
+        loss_total, stop_votes, gn, gap = stats.tolist()
         loss = loss_total / world
         scalars = {"lm loss": loss, "learning-rate": eng.lr(), "grad-norm": gn,
                    "sat/omission-rate-attn": attn_rate, "sat/omission-rate-mlp": mlp_rate}
+        wgrad_keep, head_keep = self._wgrad_keeps()
+        if self.run_cfg.sat.samples_wgrad:
+            scalars.update({"sat/wgrad-keep": wgrad_keep, "sat/wgrad-keep-head": head_keep})
+        if probe is not None:
+            # The same all-reduced gap on every rank: every rank takes the same new scale.
+            scalars.update({"sat/quality-gap": gap, "sat/budget-scale": budget.update(gap)})
+            eng.sat.wgrad_scale = budget.scale
         # ZeRO's step discards an update whose gradient norm is NaN/Inf (DeepSpeed 0.19); here
         # it is counted, and a run that keeps diverging stops before it can save garbage.
         if math.isfinite(loss) and math.isfinite(gn):
@@ -361,7 +389,7 @@ class Trainer:
         scalars.update({"sat/kept-units-attn": kept_attn, "sat/kept-units-mlp": kept_mlp,
                         "sat/effective-omission-rate-attn": 1.0 - keep_attn,
                         "sat/effective-omission-rate-mlp": 1.0 - keep_mlp})
-        self.flops.add_step(keep_attn, keep_mlp)
+        self.flops.add_step(keep_attn, keep_mlp, wgrad_keep, head_keep)
         if p.iteration % t.log_interval == 0 or p.iteration == self.last:
             scalars.update(self._throughput())
             if self.rank0:
@@ -445,9 +473,24 @@ class Trainer:
         if self.rank0:
             self.log(f" test at iteration {self.p.iteration} | lm loss test: {loss:.6E} | lm loss test ppl: {ppl:.3f}")
 
+    def _wgrad_keeps(self) -> tuple[float, float]:
+        """(FLOP-weighted mean keep fraction of the decoder products' weight gradients, the LM
+        head's) at the last step's settings: 1, 1 when nothing is sampled."""
+        sat = self.eng.sat
+        if not self.run_cfg.sat.samples_wgrad:
+            return 1.0, 1.0
+        w = self._product_flops
+        total = sum(w.values()) * self.model_cfg.num_layers
+        keep = sum(w[prod] * sat.wgrad_keep(layer, prod) for layer in range(self.model_cfg.num_layers) for prod in w)
+        return keep / total, sat.wgrad_keep(self.model_cfg.num_layers, "head")
+
     def _manifest_extra(self) -> dict:
-        """What the loop adds to a checkpoint's manifest: the data position of every dataset."""
-        return {"data_positions": self.data_pos.to_manifest()}
+        """What the loop adds to a checkpoint's manifest: the data position of every dataset,
+        and the quality budget's scale."""
+        extra = {"data_positions": self.data_pos.to_manifest()}
+        if self.budget is not None:
+            extra["sat_budget"] = self.budget.state()
+        return extra
 
     def _save(self) -> None:
         p = self.p

@@ -8,7 +8,8 @@ from sat_dist.config import ModelConfig
 
 
 def model_flops(cfg: ModelConfig, batch: int, seq: int, attn_keep: float = 1.0,
-                mlp_keep: float = 1.0, sparse_pass: str = "both") -> float:
+                mlp_keep: float = 1.0, sparse_pass: str = "both", wgrad_keep: float = 1.0,
+                head_wgrad_keep: float = 1.0) -> float:
     """FLOPs of one forward+backward of `batch` sequences of `seq` tokens.
 
     With keeps of 1 this is Megatron-LM's formula (causal attention counted half):
@@ -19,7 +20,9 @@ def model_flops(cfg: ModelConfig, batch: int, seq: int, attn_keep: float = 1.0,
     (--sat-sparse-pass): both, the MLP's three products per pass over the kept channels;
     backward, its forward (a third of its FLOPs) dense and its backward (two thirds) over
     the kept channels; weight-grad, the forward and the input gradient (two thirds) dense
-    and only the weight gradients (one third) over the kept channels.
+    and only the weight gradients (one third) over the kept channels. wgrad_keep
+    (--sat-wgrad-tokens; FLOP-weighted mean over the decoder's products) scales the weight-
+    gradient third of every decoder product, head_wgrad_keep that of the LM head.
     """
     h, L, V = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
     q = cfg.num_attention_heads * cfg.head_dim
@@ -28,7 +31,8 @@ def model_flops(cfg: ModelConfig, batch: int, seq: int, attn_keep: float = 1.0,
     mlp_share = {"both": mlp_keep, "backward": (1 + 2 * mlp_keep) / 3,
                  "weight-grad": (2 + mlp_keep) / 3}[sparse_pass]
     mlp = 3 * L * h * cfg.ffn_hidden_size * mlp_share
-    dense_tokens = batch * seq * 6 * (attn_proj + mlp + h * V)
+    wg, wg_head = (2 + wgrad_keep) / 3, (2 + head_wgrad_keep) / 3
+    dense_tokens = batch * seq * 6 * ((attn_proj + mlp) * wg + h * V * wg_head)
     return dense_tokens + batch * seq * seq * 6 * q * L * attn_keep
 
 
@@ -52,6 +56,12 @@ def device_peak_flops(device_name: str, bf16: bool) -> Optional[float]:
     return None
 
 
+def product_flops(cfg: ModelConfig) -> dict[str, int]:
+    """Each decoder layer product's weight elements (its FLOPs per token, up to a factor)."""
+    h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_query_groups * cfg.head_dim
+    return {"qkv": h * (q + 2 * kv), "proj": q * h, "fc1": 2 * h * cfg.ffn_hidden_size, "fc2": h * cfg.ffn_hidden_size}
+
+
 class ExecutedFlops:
     """Dense and executed FLOPs of the steps since the last log line.
 
@@ -64,9 +74,11 @@ class ExecutedFlops:
         self.cfg, self.batch, self.seq, self.sparse_pass = cfg, batch, seq, sparse_pass
         self.steps, self.executed = 0, 0.0
 
-    def add_step(self, attn_keep: float, mlp_keep: float) -> None:
+    def add_step(self, attn_keep: float, mlp_keep: float, wgrad_keep: float = 1.0,
+                 head_wgrad_keep: float = 1.0) -> None:
         self.steps += 1
-        self.executed += model_flops(self.cfg, self.batch, self.seq, attn_keep, mlp_keep, self.sparse_pass)
+        self.executed += model_flops(self.cfg, self.batch, self.seq, attn_keep, mlp_keep, self.sparse_pass,
+                                     wgrad_keep, head_wgrad_keep)
 
     def take(self) -> tuple[int, float, float]:
         """(steps, dense FLOPs, executed FLOPs) of the interval; starts the next one."""
