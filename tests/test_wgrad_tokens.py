@@ -281,3 +281,26 @@ def test_flops_and_bad_settings():
         SATConfig(sparse_pass="weight-grad", wgrad_tokens=0.5).validate()
     with pytest.raises(SatDistError, match="4 per layer"):
         LlamaModel(cfg, SATState(SATConfig(align_mlp=8, wgrad_tokens_linears="0.5,0.5").validate()))
+
+
+def test_allocation_fits_the_budget_and_is_near_the_enumerated_optimum():
+    """Three products with 1/k-shaped curves of different weight and cost: the allocation
+    keeps the FLOP-weighted mean keep within the budget, beats the uniform keep, and is
+    within 1% of the best feasible choice found by enumerating every combination."""
+    import itertools
+
+    from sat_dist.sat.wgrad_allocation import allocate_keeps
+
+    grid = (0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0)
+    weights, costs = (1.0, 4.0, 0.5), (3.0, 1.0, 6.0)
+    curves = [[w * (1 / k - 1) for k in grid] for w in weights]
+    for mean in (0.25, 0.5):
+        keeps = allocate_keeps(curves, grid, costs, mean)
+        cost = sum(c * k for c, k in zip(costs, keeps))
+        assert cost <= mean * sum(costs) + 1e-9
+        value = sum(curves[i][grid.index(k)] for i, k in enumerate(keeps))
+        uniform = sum(curves[i][grid.index(mean)] for i in range(3))
+        best = min(sum(curves[i][g] for i, g in enumerate(combo))
+                   for combo in itertools.product(range(len(grid)), repeat=3)
+                   if sum(c * grid[g] for c, g in zip(costs, combo)) <= mean * sum(costs) + 1e-9)
+        assert value < uniform and value <= 1.01 * best, (mean, keeps, value, best, uniform)

@@ -53,6 +53,23 @@ def wg(keep: str, *more: str) -> list[str]:
             "--sat-wgrad-tokens", keep, *more]
 
 
+# tools/wgrad_calibrate.py --hf-checkpoint runs/cpt_setup/smollm2-135m --data runs/cpt_setup/data/new_train
+#   --batches 2 --propose 0.25 0.1 --head (docs/experiments/wgrad_calibration.json)
+CAL_025 = ("0.15,0.4,0.2,0.3,0.15,0.4,0.2,0.25,0.15,0.4,0.2,0.1,0.15,0.4,0.2,0.3,0.15,0.5,0.2,"
+           "0.3,0.2,0.5,0.25,0.3,0.25,0.5,0.25,0.4,0.2,0.5,0.25,0.4,0.25,0.5,0.3,0.4,0.3,0.5,"
+           "0.3,0.2,0.4,0.5,0.3,0.4,0.3,0.5,0.3,0.05,0.3,0.5,0.3,0.4,0.4,0.5,0.25,0.4,0.3,"
+           "0.5,0.25,0.4,0.3,0.5,0.25,0.4,0.3,0.5,0.25,0.4,0.3,0.5,0.25,0.4,0.3,0.5,0.25,0.4,"
+           "0.3,0.5,0.2,0.3,0.3,0.4,0.25,0.4,0.3,0.5,0.25,0.4,0.4,0.5,0.25,0.4,0.4,0.5,0.25,"
+           "0.3,0.3,0.5,0.25,0.3,0.3,0.5,0.25,0.3,0.3,0.5,0.25,0.3,0.3,0.5,0.25,0.4,0.4,0.5,"
+           "0.25,0.25,0.4,0.5,0.3,0.4")
+CAL_01 = ("0.05,0.15,0.07,0.1,0.07,0.15,0.07,0.1,0.07,0.2,0.1,0.05,0.07,0.2,0.1,0.15,0.07,0.2,"
+           "0.1,0.15,0.07,0.2,0.1,0.15,0.1,0.2,0.1,0.15,0.07,0.2,0.1,0.15,0.1,0.2,0.1,0.15,"
+           "0.1,0.25,0.1,0.1,0.15,0.2,0.1,0.15,0.15,0.2,0.1,0.02,0.1,0.2,0.1,0.15,0.15,0.25,"
+           "0.1,0.15,0.15,0.2,0.1,0.15,0.1,0.2,0.1,0.15,0.15,0.2,0.1,0.15,0.1,0.2,0.1,0.15,"
+           "0.15,0.2,0.1,0.15,0.1,0.2,0.07,0.1,0.1,0.2,0.1,0.15,0.1,0.2,0.1,0.15,0.15,0.2,0.1,"
+           "0.15,0.15,0.2,0.1,0.15,0.15,0.2,0.1,0.15,0.15,0.2,0.1,0.15,0.15,0.2,0.1,0.15,0.1,"
+           "0.2,0.1,0.15,0.15,0.2,0.1,0.1,0.15,0.2,0.1,0.15")
+
 LAYERS_033 = ("0,0,0,0,0.333333,0.666667,0.333333,0.333333,0,0.333333,0.5,0.333333,0.666667,0.5,0.333333,"
               "0.333333,0.333333,0.5,0.5,0.333333,0.5,0.5,0.333333,0.333333,0.5,0.5,0.333333,0.333333,0.333333,0")
 """--sat-omission-mlp-layers of the layers-0.33 arm (SmolLM2-135M's 30 layers, mean 1/3)."""
@@ -122,6 +139,17 @@ ARMS: dict[str, tuple[str, list[str]]] = {
                        ["--sat-schedule", "ladder", "--sat-metric", "activation", "--sat-selection", "topk",
                         "--sat-omission-attn", "0", "--sat-omission-mlp", "0.1", "--sat-wgrad-tokens", "0.25",
                         "--sat-wgrad-tokens-head", "0.25"]),
+    "wg-cal-0.25": ("per-product keep fractions calibrated on the starting model at the FLOPs of wg-0.25-head "
+                    "(tools/wgrad_calibrate.py --propose 0.25 --head)",
+                    wg("0.25", "--sat-wgrad-tokens-linears", CAL_025, "--sat-wgrad-tokens-head", "0.07")),
+    "wg-cal-0.1": ("per-product keep fractions calibrated on the starting model at the FLOPs of wg-0.1-head",
+                   wg("0.1", "--sat-wgrad-tokens-linears", CAL_01, "--sat-wgrad-tokens-head", "0.03")),
+    "budget-0.4": ("quality budget: relative variance 0.4 (about a quarter of the tokens on the starting model), "
+                   "probed every 5 steps, starting from wg-0.25-head's keeps",
+                   wg("0.25", "--sat-wgrad-tokens-head", "0.25", "--sat-budget", "0.4", "--sat-budget-interval", "5")),
+    "budget-1.0": ("quality budget: relative variance 1.0 (between a tenth and a quarter of the tokens), probed "
+                   "every 5 steps", wg("0.25", "--sat-wgrad-tokens-head", "0.25", "--sat-budget", "1.0",
+                                       "--sat-budget-interval", "5")),
     "dense-seed2": ("dense, seed 4321 (data order)", ["--sat-schedule", "dense", "--seed", "4321"]),
 }
 
