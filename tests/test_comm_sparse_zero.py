@@ -27,10 +27,11 @@ ODD = ModelConfig(hidden_size=24, ffn_hidden_size=88, num_layers=2, num_attentio
                   vocab_size=256, make_vocab_size_divisible_by=16, max_position_embeddings=64, name="odd")
 
 
-def _train_config(mode: str, accum: int, dp: int, bf16: bool = False) -> TrainConfig:
+def _train_config(mode: str, accum: int, dp: int, bf16: bool = False, recompute: bool = False) -> TrainConfig:
     return TrainConfig(micro_batch_size=1, global_batch_size=accum * dp, seq_length=SEQ, train_iters=STEPS,
                        lr=3e-3, min_lr=0.0, lr_warmup_iters=0, lr_decay_style="constant", clip_grad=0.05,
-                       weight_decay=0.1, bf16=bf16, ds_config=ZERO3, sat_comm_sparse=mode).validate()
+                       weight_decay=0.1, bf16=bf16, ds_config=ZERO3, sat_comm_sparse=mode,
+                       recompute_activations=recompute).validate()
 
 
 def _sat(metric: str = "activation") -> SATConfig:
@@ -38,9 +39,11 @@ def _sat(metric: str = "activation") -> SATConfig:
                      token_stride=2).validate()
 
 
-def _run(rank, world, tp, cfg, mode, sat_cfg, accum, steps, bf16=False, route="auto", zero_over=None):
+def _run(rank, world, tp, cfg, mode, sat_cfg, accum, steps, bf16=False, route="auto", zero_over=None,
+         recompute=False):
     """Train `steps` SAT steps (every fourth dense); per step the loss (averaged over DP) and the gradient norm,
-    then every weight whole (fp32 master) and the bytes each phase sent."""
+    then every weight whole (fp32 master) and the bytes each phase sent. Sampled weight gradients
+    (sat_cfg.wgrad_tokens < 1) run on every step, the dense ones included."""
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -48,7 +51,7 @@ def _run(rank, world, tp, cfg, mode, sat_cfg, accum, steps, bf16=False, route="a
     from sat_dist.train.engine import build_engine
 
     comm = init_distributed(tp)
-    t = _train_config(mode, accum, comm.dp_size, bf16)
+    t = _train_config(mode, accum, comm.dp_size, bf16, recompute)
     ds = deepspeed_config(t, comm.dp_size)
     # every weight partitioned (none kept whole as "persistent"): the case of a real model
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -70,7 +73,7 @@ def _run(rank, world, tp, cfg, mode, sat_cfg, accum, steps, bf16=False, route="a
             # gathers and reduces the SAT weights whole, as without comm-sparse
             dense = step % 4 == 3
             eng.sat.set_step(step, micro, 0.0 if dense else sat_cfg.omission_attn,
-                             0.0 if dense else sat_cfg.omission_mlp)
+                             0.0 if dense else sat_cfg.omission_mlp, wgrad=1.0)
             ids = batches[micro]  # the same batches every step: the loss must fall
             loss = eng(ids[:, :-1], ids[:, 1:]).float().mean()
             eng.backward(loss)
@@ -225,3 +228,32 @@ def test_bytes_model_by_hand():
     # at DP 64 with 512 tokens a rank the global tokens outnumber the rows: gather the rows
     tokens, weights = scoring_bytes(64, 512, 22016, 4096, 2, 2)
     assert weights == 63 / 64 * 22016 * 4096 * 2 < tokens
+
+
+@pytest.mark.parametrize("tp,world", [(1, 2), (2, 4)], ids=["dp2-ga2", "tp2xdp2"])
+def test_sampled_weight_gradients_equal_the_current_path(tp, world):
+    """--sat-wgrad-tokens with unit omission: each rank draws the same tokens on either path
+    (the draw's key is the step, micro-batch, layer, product and DP rank), so comm-sparse
+    reduces the same sampled kept-row gradients as the whole-weight path."""
+    cfg = ModelConfig.from_file(MODEL_CONFIG_DIR / "tiny-test.json")
+    sat_cfg = dataclasses.replace(_sat(), wgrad_tokens=0.3, wgrad_tokens_head=0.5).validate()
+    on = run_ranks(world, _run, tp, cfg, "on", sat_cfg, 2, 8, False, "tokens", None, timeout=600)
+    off = run_ranks(world, _run, tp, cfg, "off", sat_cfg, 2, 8, False, "tokens", None, timeout=600)
+    # A drawn token's term is scaled by 1/p (up to ~10 here): the paths' different summation
+    # orders then differ by that much more than on the exact path.
+    _compare(on, off, weight_tol=1e-4)
+    exact = run_ranks(world, _run, tp, cfg, "off", _sat(), 2, 8, False, "tokens", None, timeout=600)
+    assert on[0]["losses"][1:] != pytest.approx(exact[0]["losses"][1:], rel=1e-4)  # the sampling ran
+
+
+def test_sampled_weight_gradients_under_zero1_and_recompute():
+    """The same draws, and so the same run, under ZeRO-1 (DeepSpeed's whole-weight path) and
+    ZeRO-3 with activation recompute (the recomputed forward rebuilds the samplers with the
+    same keys; the backward draws once)."""
+    cfg = ModelConfig.from_file(MODEL_CONFIG_DIR / "tiny-test.json")
+    sat_cfg = dataclasses.replace(_sat(), wgrad_tokens=0.3).validate()
+    z3 = run_ranks(2, _run, 1, cfg, "off", sat_cfg, 2, 6, False, "tokens", None, timeout=600)
+    z1 = run_ranks(2, _run, 1, cfg, "off", sat_cfg, 2, 6, False, "tokens", {"stage": 1}, timeout=600)
+    rc = run_ranks(2, _run, 1, cfg, "off", sat_cfg, 2, 6, False, "tokens", None, True, timeout=600)
+    _compare(z1, z3, weight_tol=1e-4)
+    _compare(rc, z3, weight_tol=1e-4)

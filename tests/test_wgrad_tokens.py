@@ -304,3 +304,28 @@ def test_allocation_fits_the_budget_and_is_near_the_enumerated_optimum():
                    for combo in itertools.product(range(len(grid)), repeat=3)
                    if sum(c * grid[g] for c, g in zip(costs, combo)) <= mean * sum(costs) + 1e-9)
         assert value < uniform and value <= 1.01 * best, (mean, keeps, value, best, uniform)
+
+
+def test_a_sampled_run_with_a_budget_resumes_bit_exactly(corpus, tmp_path):
+    """Through torchrun (TP 1 x DP 2, ZeRO-3): a run with sampled weight gradients and a
+    quality budget, stopped at step 4 and resumed from its checkpoint, reproduces the
+    uninterrupted run's losses exactly: the draws are keyed by the step, and the budget's
+    scale comes back from the manifest."""
+    from tests.launchers import _flags, scalars, torchrun
+
+    sat = {"sat-wgrad-tokens": 0.3, "sat-wgrad-tokens-head": 0.5, "sat-budget": 0.2, "sat-budget-interval": 2,
+           "train-iters": 6, "save-interval": 2}
+    ref = tmp_path / "ref"
+    torchrun(2, _flags(corpus, save=ref / "ckpt", **sat, **{"tensorboard-dir": ref / "tb"}))
+    ref_loss = scalars(ref / "tb", "lm loss")
+    scale = scalars(ref / "tb", "sat/budget-scale")
+    assert len(set(scale.values())) > 1  # the budget moved the keeps
+    d = tmp_path / "cut"
+    torchrun(2, _flags(corpus, save=d / "ckpt", **sat, **{"exit-interval": 4, "tensorboard-dir": d / "tb1"}))
+    torchrun(2, _flags(corpus, load=d / "ckpt", save=d / "ckpt", **sat, **{"tensorboard-dir": d / "tb2"}))
+    got = scalars(d / "tb2", "lm loss")
+    for step in (5, 6):
+        assert got[step] == ref_loss[step], (step, got[step], ref_loss[step])
+    exact = tmp_path / "exact"
+    torchrun(2, _flags(corpus, save=exact / "ckpt", **{"train-iters": 6, "tensorboard-dir": exact / "tb"}))
+    assert scalars(exact / "tb", "lm loss")[6] != ref_loss[6]
