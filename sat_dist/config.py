@@ -518,7 +518,13 @@ class TrainConfig:
     """Where a dataset made without PREFIX.doclast.npz gets it, once (Megatron's flag name);
     default: beside the dataset. For dataset directories that are read-only."""
     load: Optional[str] = None
-    """Checkpoint directory to resume from (its `latest`)."""
+    """Checkpoint directory to resume from (its `latest`, or --ckpt-step's)."""
+    accept_changed_data: bool = False
+    """On --load, let a training dataset whose contents changed under its path (documents
+    appended, another corpus) start again at sample 0 instead of refusing the resume."""
+    ckpt_step: Optional[int] = None
+    """Resume from this iteration's checkpoint in --load instead of the one `latest` names
+    (Megatron-LM's flag): for when `latest` is missing or names a damaged checkpoint."""
     save: Optional[str] = None
     """Checkpoint directory to save to."""
     save_interval: int = 0
@@ -653,6 +659,10 @@ class TrainConfig:
         stage = [f for f, on in (("--finetune", self.finetune),
                                  ("--override-opt_param-scheduler", self.override_opt_param_scheduler),
                                  ("--no-load-optim", self.no_load_optim), ("--no-load-rng", self.no_load_rng)) if on]
+        if self.ckpt_step is not None and (not _is_int(self.ckpt_step) or self.ckpt_step < 0):
+            raise SatDistError(f"--ckpt-step: got {self.ckpt_step!r}; allowed: an iteration >= 0")
+        if self.ckpt_step is not None and not self.load:
+            raise SatDistError("--ckpt-step: names a checkpoint in --load, but no --load is given; add --load DIR")
         if stage and not self.load:
             raise SatDistError(f"{stage[0]}: says how to load a checkpoint, but no --load is given; add --load DIR "
                                f"or drop {stage[0]}")

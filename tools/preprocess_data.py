@@ -156,7 +156,15 @@ def _document_text(kind: str, source: str, payload) -> str | None:
         raise SatDistError(f"{source}: no key {key!r} in this JSON line; set --json-key")
     if not isinstance(record[key], str):
         raise SatDistError(f"{source}: {key!r} is {type(record[key]).__name__}, not a string")
-    return record[key]
+    text = record[key]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate escape (\ud800): valid JSON, not text
+        if _worker["skip"]:
+            return None
+        raise SatDistError(f"{source}: {key!r} holds a lone surrogate escape at character {e.start} (not "
+                           f"encodable text); fix the line or pass --skip-undecodable") from None
+    return text
 
 
 def _tokenize_batch(batch) -> list:
@@ -174,9 +182,26 @@ def _tokenize_batch(batch) -> list:
     return out
 
 
+def check_output_prefix(prefix: str) -> None:
+    """One clear error, before any tokenizing, when --output-prefix cannot be written."""
+    parent = Path(prefix).parent
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SatDistError(f"--output-prefix {prefix}: {probe} is an existing file, not a directory; choose a "
+                           f"prefix in a directory")
+    if not os.access(probe, os.W_OK):
+        raise SatDistError(f"--output-prefix {prefix}: {probe} is not writable")
+    for suffix in (".bin", ".idx"):
+        if Path(prefix + suffix).is_dir():
+            raise SatDistError(f"--output-prefix {prefix}: {prefix + suffix} is a directory; choose another prefix")
+
+
 def run(args: argparse.Namespace) -> str:
     if args.workers < 1:
         raise SatDistError(f"--workers: got {args.workers}; allowed: an integer >= 1")
+    check_output_prefix(args.output_prefix)
     files = find_inputs(args.input, args.glob)
     _init_worker(args.tokenizer_model, args.append_eod, args.skip_undecodable, not args.no_bos)  # fail early
     tok, dtype, bos = _worker["tok"], _worker["dtype"], _worker["bos"]
@@ -242,6 +267,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; existing output left unchanged", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk while writing: one line
+        print(f"error: --output-prefix {args.output_prefix}: cannot write ({e.strerror or e}); existing output "
+              f"left unchanged", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -9,9 +9,11 @@ A checkpoint directory:
     sat_dist.json            the manifest: iteration, consumed samples, layout, which file
                              holds which parameter, Adam step, LR scheduler state, model, and
                              the run definition (the LR and SAT schedules and the data order,
-                             by flag name); written last, so a save killed midway is never
-                             resumed. (Manifests written before this version also hold the SAT
-                             schedule a second time, as "sat_schedule"; it is not read.)
+                             by flag name), and the size and CRC-32 of every state file
+                             (checked before a resume or an export reads it); written last,
+                             so a save killed midway is never resumed. (Older manifests may
+                             hold the SAT schedule a second time, as "sat_schedule", unread,
+                             and no "files": their state files are not checksummed.)
 
 The state is stored per parameter in the model's own layout rather than as DeepSpeed's flat
 ZeRO partitions, so a checkpoint resumes at any TP x DP layout (sat_dist.checkpoint.reshard)
@@ -33,7 +35,9 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -66,38 +70,157 @@ def state_file(tp_rank: int, dp_rank: int) -> str:
     return f"state_tp{tp_rank:02d}_dp{dp_rank:03d}.pt"
 
 
+_TAG = re.compile(r"iter_(\d{7,})")
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, str]]:
+    """(iteration, tag) of every checkpoint in `ckpt_dir` whose manifest reads and whose state
+    files are all there at their recorded sizes, oldest first. (Checksums are read in full
+    only by the resume or export that uses one: load_state_file.)"""
+    d = Path(ckpt_dir)
+    out = []
+    if not d.is_dir():
+        return out
+    for sub in d.iterdir():
+        m = _TAG.fullmatch(sub.name)
+        if m is None or not (sub / MANIFEST).is_file():
+            continue
+        try:
+            manifest = read_manifest(d, sub.name)
+            missing_or_resized(d, sub.name, manifest)
+        except SatDistError:
+            continue
+        out.append((int(m.group(1)), sub.name))
+    return sorted(out)
+
+
+def _listing(ckpt_dir: Path) -> str:
+    """What a --load error offers instead: the complete checkpoints there and how to resume
+    from the newest."""
+    found = complete_checkpoints(ckpt_dir)
+    if not found:
+        return "it holds no complete checkpoint"
+    its = ", ".join(tag for _, tag in found[-5:]) + (f" (and {len(found) - 5} older)" if len(found) > 5 else "")
+    return (f"complete checkpoints there: {its}; resume from the newest with --load {ckpt_dir} "
+            f"--ckpt-step {found[-1][0]}")
+
+
 def latest_complete_tag(ckpt_dir: str | Path) -> Optional[str]:
     """The tag `latest` names, if it is complete (has a manifest); None if there is none."""
     d = Path(ckpt_dir)
     f = d / LATEST
     if not f.is_file():
         return None
-    tag = f.read_text().strip()
-    if not (d / tag / MANIFEST).is_file():
-        raise SatDistError(f"checkpoint {d}: latest names {tag!r}, which is incomplete or missing; "
-                           f"point {f} at a complete iter_* directory (one with {MANIFEST})")
+    try:
+        tag = f.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SatDistError(f"--load {d}: {f} is unreadable ({type(e).__name__}); {_listing(d)}")
+    if not _TAG.fullmatch(tag) or not (d / tag / MANIFEST).is_file():
+        raise SatDistError(f"--load {d}: latest names {tag[:40]!r}, which is not a complete checkpoint; "
+                           f"{_listing(d)}")
     return tag
 
 
 def read_manifest(ckpt_dir: str | Path, tag: str) -> dict:
+    """The manifest of `tag`, schema-checked (types and ranges of what resume and export read)."""
     p = Path(ckpt_dir) / tag / MANIFEST
     try:
-        m = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SatDistError(f"checkpoint {p}: unreadable manifest ({type(e).__name__})")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise SatDistError(f"checkpoint {p}: not a sat_dist checkpoint (format {FORMAT})")
+    problem = _manifest_problem(m)
+    if problem:
+        raise SatDistError(f"checkpoint {p}: damaged manifest ({problem})")
     return m
 
 
+def _manifest_problem(m: dict) -> Optional[str]:
+    """What in a manifest is of the wrong type or out of range (None: nothing)."""
+    def is_int(v, lo):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    for key, lo in (("iteration", 0), ("consumed_samples", 0), ("tensor_model_parallel_size", 1),
+                    ("data_parallel_size", 1), ("optimizer_step", 0)):
+        if not is_int(m.get(key), lo):
+            return f"{key} is {m.get(key)!r}, not an integer >= {lo}"
+    for key in ("owners", "model", "run_definition"):
+        if not isinstance(m.get(key), dict):
+            return f"{key} is {type(m.get(key)).__name__}, not an object"
+    dp = m["data_parallel_size"]
+    bad = [k for k, v in m["owners"].items() if not (is_int(v, 0) and v < dp)]
+    if bad:
+        return f"owners[{bad[0]!r}] is not a DP rank below {dp}"
+    files = m.get("files")
+    if files is not None:
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and is_int(v.get("size"), 0) and is_int(v.get("crc32"), 0) for v in files.values()):
+            return "files is not a map of name -> {size, crc32}"
+    return None
+
+
+def missing_or_resized(ckpt_dir: str | Path, tag: str, manifest: dict) -> None:
+    """Raise naming the first state file of `tag` that is missing, or (where the manifest
+    records sizes) not of its recorded size. Stats only."""
+    d = Path(ckpt_dir) / tag
+    sizes = manifest.get("files") or {}
+    for r in range(manifest["tensor_model_parallel_size"]):
+        for dp in range(manifest["data_parallel_size"]):
+            name = state_file(r, dp)
+            f = d / name
+            if not f.is_file():
+                raise SatDistError(f"{tag}/{name} is missing")
+            if name in sizes and f.stat().st_size != sizes[name]["size"]:
+                raise SatDistError(f"{tag}/{name} has {f.stat().st_size} bytes, the manifest records "
+                                   f"{sizes[name]['size']}")
+
+
+def file_crc32(path: Path, chunk: int = 16 << 20) -> tuple[int, int]:
+    """(size, CRC-32) of a file, read sequentially."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return size, crc
+            crc = zlib.crc32(b, crc)
+            size += len(b)
+
+
+def check_output_dir(flag: str, path: Optional[str]) -> None:
+    """One clear error when an output directory flag names (or lies under) an existing file."""
+    if not path:
+        return
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is" if probe == Path(path) else f"lies under {probe}, which is"
+        raise SatDistError(f"{flag} {path} {what} an existing file, not a directory; choose a directory")
+
+
 def check_save_dir(save: Optional[str], load: Optional[str]) -> None:
-    """Refuse to train over someone's checkpoints unless resuming from them."""
+    """Refuse to train over someone's checkpoints unless resuming from them, and a --save
+    that can never be written; before any rank starts (a bad --save would otherwise show
+    only at the first save, after the training before it)."""
     if not save:
         return
-    if (Path(save) / LATEST).is_file() and (not load or Path(load).resolve() != Path(save).resolve()):
-        raise SatDistError(f"--save {save} already holds checkpoints (latest: "
-                           f"{(Path(save) / LATEST).read_text().strip()}); pass --load {save} to resume "
-                           f"from them, or choose another --save directory")
+    d = Path(save)
+    check_output_dir("--save", save)
+    probe = d
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise SatDistError(f"--save {save}: {probe} is not writable; choose a directory you can write")
+    resuming = load is not None and Path(load).resolve() == d.resolve()
+    if resuming or not d.is_dir():
+        return
+    found = complete_checkpoints(d)
+    if (d / LATEST).is_file() or found:
+        held = f"complete checkpoints {', '.join(tag for _, tag in found[-3:])}" if found else "a latest file"
+        raise SatDistError(f"--save {save} already holds {held}; pass --load {save} to resume from them, or "
+                           f"choose another --save directory (nothing there was changed)")
 
 
 def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_samples: int,
@@ -127,10 +250,11 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
         entry = zero.gather_param_state(engine.optimizer, p, stage3, owners[name], comm)  # collective over DP
         if entry is not None:  # this rank owns the parameter
             mine[name] = {k: (v.detach().float().cpu().clone() if v is not None else None) for k, v in entry.items()}
-    _atomic_torch_save({"tensors": mine, "rng": _rng_state()},
-                       d / tag / state_file(comm.tp_rank, comm.dp_rank))
+    record = _atomic_torch_save({"tensors": mine, "rng": _rng_state()},
+                                d / tag / state_file(comm.tp_rank, comm.dp_rank))
     fault_point("kill-after-state-file", iteration)
-    dist.barrier()
+    records = [None] * dist.get_world_size()
+    dist.all_gather_object(records, (state_file(comm.tp_rank, comm.dp_rank), record))  # also the barrier
     if rank == 0:
         counters = zero.engine_counters(engine)
         manifest = {
@@ -145,6 +269,7 @@ def save_checkpoint(engine, model, ckpt_dir: str, iteration: int, consumed_sampl
             "skipped_steps": counters["skipped_steps"],
             "model": model_cfg.__dict__,
             "run_definition": definition,
+            "files": dict(records),
             **(extra or {}),
         }
         _atomic_write(d / tag / MANIFEST, json.dumps(manifest, indent=2, default=_json_default) + "\n")
@@ -265,7 +390,8 @@ def _shown(saved: dict, definition: dict, keys: list[str]) -> str:
 
 
 def check_resume(ckpt_dir: str, model_cfg: ModelConfig, definition: dict, override: bool = False,
-                 finetune: bool = False, save: Optional[str] = None) -> tuple[str, dict]:
+                 finetune: bool = False, save: Optional[str] = None,
+                 ckpt_step: Optional[int] = None) -> tuple[str, dict]:
     """(tag, manifest) of the checkpoint --load resumes; one clear error if it cannot.
     Reads only files: call it before starting any process group. Any TP x DP layout that
     can hold the model may resume it.
@@ -276,15 +402,29 @@ def check_resume(ckpt_dir: str, model_cfg: ModelConfig, definition: dict, overri
     iteration, which --train-iters must then exceed); with `finetune` anything but the
     model's shape (weights only; everything else starts at 0). `save`: the run's --save,
     which --finetune must not share with --load once it holds checkpoints (a rerun would
-    restart the stage instead of resuming it)."""
+    restart the stage instead of resuming it). `ckpt_step`: resume that iteration's
+    checkpoint instead of `latest`'s (--ckpt-step)."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise SatDistError(f"--load {ckpt_dir}: no such directory")
-    tag = latest_complete_tag(d)
+    if _TAG.fullmatch(d.name) and (d / MANIFEST).is_file():
+        raise SatDistError(f"--load {ckpt_dir} is one checkpoint; --load takes the directory that holds them: "
+                           f"--load {d.parent} --ckpt-step {int(d.name[5:])}")
+    if ckpt_step is not None:
+        tag = tag_of(ckpt_step)
+        if not (d / tag / MANIFEST).is_file():
+            raise SatDistError(f"--ckpt-step {ckpt_step}: {d / tag} is not a complete checkpoint; {_listing(d)}")
+    else:
+        tag = latest_complete_tag(d)
     if tag is None:
-        raise SatDistError(f"--load {ckpt_dir}: no checkpoint there (no {LATEST} file); "
-                           f"drop --load to start fresh")
-    m = read_manifest(d, tag)
+        if complete_checkpoints(d):
+            raise SatDistError(f"--load {ckpt_dir}: its {LATEST} file is missing; {_listing(d)}")
+        raise SatDistError(f"--load {ckpt_dir}: no checkpoint there (no {LATEST} file and no complete iter_*); "
+                           f"check the path, or drop --load to start a new run")
+    try:
+        m = read_manifest(d, tag)
+    except SatDistError as e:
+        raise SatDistError(f"--load {ckpt_dir}: {e}; {_listing(d)}") from None
     try:
         saved_model = ModelConfig(**m["model"])
         saved_def = saved_definition(m)
@@ -316,11 +456,10 @@ def check_resume(ckpt_dir: str, model_cfg: ModelConfig, definition: dict, overri
         raise SatDistError(f"--train-iters: got {definition['train-iters']}; allowed: more than the checkpoint's "
                            f"iteration {m['iteration']} ({OVERRIDE_FLAG} starts a new stage there and trains to "
                            f"--train-iters)")
-    for r in range(m["tensor_model_parallel_size"]):
-        for dp in range(m["data_parallel_size"]):
-            if not (d / tag / state_file(r, dp)).is_file():
-                raise SatDistError(f"--load {ckpt_dir}: {tag}/{state_file(r, dp)} is missing; the checkpoint "
-                                   f"is incomplete (point {LATEST} at an earlier iter_*)")
+    try:
+        missing_or_resized(d, tag, m)
+    except SatDistError as e:
+        raise SatDistError(f"--load {ckpt_dir}: {e}: the checkpoint is damaged; {_listing(d)}") from None
     return tag, m
 
 
@@ -345,7 +484,7 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
     def stored(name: str, r: int) -> dict:
         key = (r, owners[name])
         if key not in files:
-            files[key] = load_state_file(d / state_file(*key))
+            files[key] = load_state_file(d / state_file(*key), manifest)
         entry = files[key]["tensors"].get(name)
         if entry is None:
             raise SatDistError(f"--load {ckpt_dir}: {tag}/{state_file(*key)} lacks {name}; the checkpoint is damaged")
@@ -374,7 +513,8 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
                                      manifest.get("skipped_steps", 0), lr_position)
     same_layout = (old_tp, manifest["data_parallel_size"]) == (comm.tp_size, comm.dp_size)
     if same_layout and load_rng:
-        own = files.get((comm.tp_rank, comm.dp_rank)) or load_state_file(d / state_file(comm.tp_rank, comm.dp_rank))
+        own = files.get((comm.tp_rank, comm.dp_rank)) or load_state_file(d / state_file(comm.tp_rank, comm.dp_rank),
+                                                                         manifest)
         _set_rng_state(own.get("rng"))
 
 
@@ -382,13 +522,27 @@ class UnreadableStateFile(SatDistError):
     """A state file torch.load cannot read; `reason` is why, in one line."""
 
     def __init__(self, path: Path, reason: str):
-        super().__init__(f"checkpoint {path}: unreadable ({reason}); point latest at an earlier iter_*")
+        super().__init__(f"checkpoint {path}: unreadable ({reason}); resume from an earlier checkpoint with "
+                         f"--ckpt-step N (its directory lists the others)")
         self.path, self.reason = Path(path), reason
 
 
-def load_state_file(path: str | Path) -> dict:
+def load_state_file(path: str | Path, manifest: Optional[dict] = None) -> dict:
     """A state file (state_file()), memory-mapped: only the tensors asked for are read from
-    disk. Raises UnreadableStateFile if torch.load cannot read it."""
+    disk. With the manifest (which records each file's size and CRC-32) the file is first
+    read through once and checked: damaged bytes are refused, not loaded. Raises
+    UnreadableStateFile if it is damaged or torch.load cannot read it."""
+    path = Path(path)
+    record = ((manifest or {}).get("files") or {}).get(path.name)
+    if record is not None:
+        try:
+            size, crc = file_crc32(path)
+        except OSError as e:
+            raise UnreadableStateFile(path, e.strerror or type(e).__name__)
+        if (size, crc) != (record["size"], record["crc32"]):
+            raise UnreadableStateFile(path, f"its bytes do not match the manifest's checksum (size {size}, "
+                                            f"CRC-32 {crc:08x}; recorded {record['size']}, {record['crc32']:08x}): "
+                                            f"the file is damaged")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
@@ -443,16 +597,35 @@ def _atomic_write(path: Path, text: str) -> None:
         _write_failed(path, tmp, e)
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+class _Checksummed:
+    """A binary file that keeps the size and CRC-32 of what is written through it (the
+    bytes are in memory already: no second read)."""
+
+    def __init__(self, f):
+        self.f, self.size, self.crc = f, 0, 0
+
+    def write(self, b) -> int:
+        self.crc = zlib.crc32(b, self.crc)
+        self.size += memoryview(b).nbytes
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _atomic_torch_save(obj, path: Path) -> dict:
+    """Write `obj` durably to `path`; its {"size", "crc32"}."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            out = _Checksummed(f)
+            torch.save(obj, out)
             f.flush()
             os.fsync(f.fileno())  # durable before the manifest that points at it
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a short write as RuntimeError
         _write_failed(path, tmp, e)
+    return {"size": out.size, "crc32": out.crc}
 
 
 def _write_failed(path: Path, tmp: Path, e: BaseException) -> None:

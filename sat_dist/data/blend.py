@@ -159,16 +159,29 @@ class BlendedDataset:
         return {k: f"{len(d.stream.reader)} documents, {d.stream.reader.num_tokens} tokens"
                 for k, d in zip(self.keys, self.datasets)}
 
-    def start(self, position: Optional[DataPosition] = None) -> DataPosition:
+    def changed_since(self, position: DataPosition) -> list[tuple[str, str, str]]:
+        """(key, fingerprint then, fingerprint now) of every dataset of this blend that the
+        checkpoint's position knows under the same path but with other contents (documents
+        appended, or another corpus made under the same prefix)."""
+        prints = self.fingerprints()
+        return [(k, position.fingerprints[k], prints[k]) for k in self.keys
+                if position.fingerprints.get(k) not in (None, prints[k])]
+
+    def start(self, position: Optional[DataPosition] = None, restart_changed: bool = False) -> DataPosition:
         """The position to read from: `position` (restored from a checkpoint) continued by
         this blend. A checkpoint of another blend (other weights or datasets) keeps each
         dataset's position, and this blend's proportions start counting there. A dataset
-        whose path changed is recognised by its fingerprint. What did not carry over is in
-        `self.start_notes` (for the log)."""
+        whose path changed is recognised by its fingerprint. A dataset whose contents changed
+        under the same path (changed_since) is refused, unless `restart_changed`
+        (--accept-changed-data): it then starts again at sample 0. What did not carry over is
+        in `self.start_notes` (for the log)."""
         pos = position or DataPosition()
         prints = self.fingerprints()
+        changed = [k for k, _, _ in self.changed_since(pos)] if position is not None else []
+        if changed and not restart_changed:
+            raise_changed(self.changed_since(pos))
         renamed = _match_moved(pos, prints)  # old key -> new key
-        old = {renamed.get(k, k): v for k, v in pos.consumed.items()}
+        old = {renamed.get(k, k): v for k, v in pos.consumed.items() if k not in changed}
         consumed = {k: old.get(k, 0) for k in self.keys}
         consumed.update({k: v for k, v in old.items() if k not in consumed})  # kept for later stages
         weights = dict(zip(self.keys, self.weights))
@@ -179,6 +192,8 @@ class BlendedDataset:
                  else {k: consumed[k] for k in self.keys})
         self.start_notes = [f"data: {a} of the checkpoint is now {b} (same documents and tokens): "
                             f"its position {consumed[b]} carries over" for a, b in renamed.items()]
+        self.start_notes += [f"data: {k} changed since the checkpoint (--accept-changed-data): it starts again "
+                             f"at sample 0" for k in changed]
         if position is not None:
             fresh = [k for k in self.keys if k not in old]
             left = [k for k in old if k not in self.keys and old[k]]
@@ -234,6 +249,16 @@ class BlendedDataset:
         return ", ".join(f"{w:.3g} {k} ({len(p)} samples)" for w, k, p in zip(self.weights, self.keys, self.datasets))
 
 
+def raise_changed(changed: list[tuple[str, str, str]]) -> None:
+    """One error naming the datasets whose contents changed under a resumed run."""
+    k, then, now = changed[0]
+    more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+    raise SatDistError(f"--load: dataset {k} changed since the checkpoint (then {then}; now {now}){more}; its "
+                       f"saved position would point into other data. Resume with the data the run was trained "
+                       f"on, or pass --accept-changed-data (the changed datasets start again at sample 0), or "
+                       f"start a new stage with --finetune")
+
+
 def _match_moved(pos: DataPosition, prints: dict[str, str]) -> dict[str, str]:
     """{checkpoint key: blend key} for datasets of the checkpoint that are in the blend under
     another path: same fingerprint, the one dataset that has it on either side."""
@@ -263,4 +288,5 @@ def position_from_manifest(manifest: dict, blend: BlendedDataset) -> DataPositio
                        "resume it with its single --data-path prefix, or start a new stage with --finetune")
 
 
-__all__ = ["parse_blend", "dataset_key", "batch_counts", "DataPosition", "BlendedDataset", "position_from_manifest"]
+__all__ = ["parse_blend", "dataset_key", "batch_counts", "DataPosition", "BlendedDataset", "position_from_manifest",
+           "raise_changed"]

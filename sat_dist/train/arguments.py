@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--valid-data-path", nargs="+", default=t.valid_data_path, metavar="NAME=PREFIX")
     a("--tokenizer-model", default=t.tokenizer_model)
     a("--load", default=t.load)
+    a("--ckpt-step", type=int, default=t.ckpt_step)
+    a("--accept-changed-data", action="store_true", default=t.accept_changed_data)
     # Megatron spells this one with an underscore; the all-dashes form is accepted too.
     a("--override-opt_param-scheduler", "--override-opt-param-scheduler", dest="override_opt_param_scheduler",
       action="store_true", default=t.override_opt_param_scheduler)

@@ -218,7 +218,8 @@ class Trainer:
             p.iteration, p.consumed_samples, self.stage_start = 0, 0, 0
         else:
             p.iteration, p.consumed_samples = saved_iteration, manifest["consumed_samples"]
-            self.data_pos = self.train_ds.start(position_from_manifest(manifest, self.train_ds))
+            self.data_pos = self.train_ds.start(position_from_manifest(manifest, self.train_ds),
+                                                restart_changed=t.accept_changed_data)
             if self.budget is not None and isinstance(manifest.get("sat_budget"), dict):
                 self.budget.restore(manifest["sat_budget"])  # the scale the run had reached
                 self.eng.sat.wgrad_scale = self.budget.scale
@@ -295,6 +296,12 @@ class Trainer:
                 self._save()
                 if p.iteration == t.train_iters:
                     self._test()
+                if p.skipped_in_row:
+                    # The run did not end on a good model: not a success, whatever else went well.
+                    good = f"the last checkpoint in {t.save}" if t.save else "no checkpoint (no --save)"
+                    raise SatDistError(f"the last {p.skipped_in_row} step(s) were non-finite (updates skipped), so "
+                                       f"no checkpoint was written at iteration {p.iteration}; resume from {good} "
+                                       f"with a lower --lr, or check the data")
         finally:
             preemption.restore()
             self.tb.close()
@@ -350,7 +357,7 @@ class Trainer:
         world = dist.get_world_size()
         gn = eng.grad_norm()
         gn = torch.as_tensor(float("nan") if gn is None else gn, dtype=torch.float32, device=self.dev)
-        stop = torch.tensor(float(preemption.received is not None), device=self.dev)
+        stop = torch.tensor(float(preemption.requested()), device=self.dev)
         variances = None if probe is None else probe.relative_variances()
         gap = torch.zeros((), device=self.dev) if variances is None else variances.mean().float().to(self.dev)
         stats = torch.stack([loss_sum / eng.grad_accum, stop, gn.reshape(()) / world, gap / world])

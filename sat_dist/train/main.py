@@ -34,6 +34,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OSError as e:  # a full disk, a vanished directory: one line, not a traceback
         print(f"error: {e.strerror or e} ({e.filename or 'I/O'})", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C a second time (the first asks for a checkpoint)
+        print("error: interrupted twice (Ctrl-C): stopped without saving; the last checkpoint is the one "
+              "--load picks", file=sys.stderr, flush=True)
+        return 130
     finally:
         try:
             from sat_dist.parallel.state import destroy_distributed
@@ -71,7 +75,7 @@ class RunPlan:
 
 def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
     """Parse and check everything that needs no process group (raises SatDistError)."""
-    from sat_dist.checkpoint.state import check_resume, check_save_dir
+    from sat_dist.checkpoint.state import check_output_dir, check_resume, check_save_dir
     from sat_dist.model.llama import check_layer_rates, check_tensor_parallel
     from sat_dist.parallel.state import data_parallel_size, launch_world_size
     from sat_dist.train.arguments import parse_args, run_definition
@@ -88,17 +92,33 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
         if t.load is None and (Path(t.save) / "latest").is_file():
             t.load = t.save  # run it again: it resumes (or says it is done)
     model_cfg, hf_sd = _model(run)
+    if embedded:
+        from sat_dist.data.default_corpus import VOCAB_SIZE
+
+        if model_cfg.vocab_size < VOCAB_SIZE:  # said now, not after the corpus is prepared
+            raise SatDistError(f"--model-config {t.model_config} has vocab_size {model_cfg.vocab_size}, smaller than "
+                               f"the embedded corpus' tokenizer ({VOCAB_SIZE} tokens); give --data-path and "
+                               f"--tokenizer-model of data made for this model, or a model config with vocab_size "
+                               f">= {VOCAB_SIZE}")
     tp = t.tensor_model_parallel_size
     check_tensor_parallel(model_cfg, tp, run.sat.align_mlp if run.sat.enabled else 1)
     check_layer_rates(model_cfg, run.sat)
     dp = data_parallel_size(launch_world_size(), tp)
     ds = deepspeed_config(t, dp)
     comm_sparse_wanted(t.sat_comm_sparse, run.sat, ds, dp)  # "on" where it cannot run: the error, before the ranks
+    check_save_dir(t.save, t.load)  # before the datasets: opening them can take a while
+    check_output_dir("--tensorboard-dir", t.tensorboard_dir)
     datasets = None if embedded else open_datasets(t, model_cfg, dp)
-    check_save_dir(t.save, t.load)
     definition = run_definition(run, model_cfg)
     resume = check_resume(t.load, model_cfg, definition, override=t.override_opt_param_scheduler,
-                          finetune=t.finetune, save=t.save) if t.load else None
+                          finetune=t.finetune, save=t.save, ckpt_step=t.ckpt_step) if t.load else None
+    if resume is not None and datasets is not None and not t.finetune and not t.accept_changed_data:
+        # the data a run resumes must be the data it was trained on: refused before any rank starts
+        from sat_dist.data.blend import position_from_manifest, raise_changed
+
+        changed = datasets["train"].changed_since(position_from_manifest(resume[1], datasets["train"]))
+        if changed:
+            raise_changed(changed)
     return RunPlan(run, model_cfg, hf_sd, dp, ds, definition, resume, default_job, embedded, datasets)
 
 
@@ -230,9 +250,10 @@ def check_tokenizers(flag: str, prefixes: list[str], run_tok: dict, tokenizer_mo
 
 
 def _run(argv) -> int:
-    from sat_dist.train.preemption import PreemptionFlag
+    from sat_dist.train.preemption import PreemptionFlag, term_when_parent_dies
 
     PreemptionFlag.install()  # before anything slow: a SLURM signal during start-up is kept
+    term_when_parent_dies()  # a launcher that dies (signalled, killed) stops its ranks with a save
     plan = plan_run(argv)
     run, t, model_cfg = plan.run, plan.run.train, plan.model_cfg
 
