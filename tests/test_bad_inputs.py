@@ -216,8 +216,8 @@ CASES = [
     ("resume with another --lr", {"load": "{ws}/ckpt", "save": "{ws}/ckpt", "lr": 0.001},
      "was trained with --train-iters 6 (this run: 2)"),
     ("load without checkpoint", {"load": "{ws}/hf_missing"}, "no checkpoint there"),
-    ("load incomplete", {"load": "{ws}/incomplete", "save": "{ws}/incomplete"}, "incomplete or missing"),
-    ("save over checkpoints", {"save": "{ws}/ckpt"}, "already holds checkpoints"),
+    ("load incomplete", {"load": "{ws}/incomplete", "save": "{ws}/incomplete"}, "which is not a complete checkpoint"),
+    ("save over checkpoints", {"save": "{ws}/ckpt"}, "already holds"),
     # LR schedule and stage flags (Megatron's)
     ("WSD without its decay iters", {"lr-decay-style": "WSD"}, "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
     ("WSD decay longer than the decay", {"lr-decay-style": "WSD", "lr-wsd-decay-iters": 5, "lr-warmup-iters": 0},

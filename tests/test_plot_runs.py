@@ -152,3 +152,19 @@ def test_frontier_points_from_logs_and_given_points(tmp_path):
     assert rows["sat"][3] == f"{math.exp(0.01) - 1:+.2%}" and rows["sat"][4] == f"{math.exp(0.05) - 1:+.2%}"
     assert rows["old-arm"][2:5] == ["1.100x", "+2.00%", "+1.00%"] and rows["old-arm"][5] == "abc1234"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_time_of_sampled_weight_gradients_and_budget_keeps():
+    """A step is charged the benchmark row of its omission rates and weight-gradient keeps;
+    a --sat-budget step whose keeps lie between two measured ones (decoder = head) gets the
+    linear interpolation, and anything else is not covered."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from plot_runs import step_time
+
+    table = {(0.0, 0.0, 1.0, 1.0): 10.0, (0.0, 0.0, 0.25, 0.25): 7.0, (0.0, 0.0, 0.1, 0.1): 6.4,
+             (0.0, 0.0, 0.25, 1.0): 8.0}
+    assert step_time(table, (0.0, 0.0, 0.25, 1.0)) == 8.0
+    assert step_time(table, (0.0, 0.0, 0.5, 0.5)) == pytest.approx(7.0 + 3.0 * 0.25 / 0.75)
+    assert step_time(table, (0.0, 0.0, 0.175, 0.175)) == pytest.approx(6.7)
+    assert step_time(table, (0.0, 0.0, 0.5, 1.0)) is None
+    assert step_time(table, (0.0, 0.083, 0.25, 0.25)) is None

@@ -50,9 +50,11 @@ def read_scalars(run: Path) -> dict[str, dict[int, float]]:
     return out
 
 
-def bench_step_times(path: Path) -> dict[tuple[float, float], float]:
-    """(effective attention, MLP omission) -> median step seconds, from a tools/bench_step.py
-    report (the sat_dist arm: dense and every SAT setting measured side by side)."""
+def bench_step_times(path: Path) -> dict[tuple[float, float, float, float], float]:
+    """(effective attention omission, MLP omission, decoder weight-gradient keep, LM head
+    keep) -> median step seconds, from a tools/bench_step.py report (the sat_dist arm: dense
+    and every SAT setting measured side by side; reports from before --sat-wgrad-tokens
+    have keeps of 1)."""
     import json
 
     report = json.loads(path.read_text())
@@ -60,8 +62,25 @@ def bench_step_times(path: Path) -> dict[tuple[float, float], float]:
     if not rows:
         raise SystemExit(f"error: --step-times {path}: no sat_dist settings; expected a tools/bench_step.py "
                          f"--out report")
-    return {(round(1 - r["keep_fraction_attn"], 3), round(1 - r["keep_fraction_mlp"], 3)): r["median_step_s"]
+    return {(round(1 - r["keep_fraction_attn"], 3), round(1 - r["keep_fraction_mlp"], 3),
+             round(r.get("wgrad_keep", 1.0), 3), round(r.get("wgrad_keep_head", 1.0), 3)): r["median_step_s"]
             for r in rows}
+
+
+def step_time(table: dict, key: tuple[float, float, float, float]) -> float | None:
+    """The benchmark's time of a step at `key`; for keeps between two measured ones at the
+    same omission rates with equal decoder and head keeps (a --sat-budget run moves both
+    together), linear interpolation in the keep. None: not covered."""
+    if key in table:
+        return table[key]
+    a, m, w, h = key
+    if w != h:
+        return None
+    line = sorted((k[2], t) for k, t in table.items() if k[:2] == (a, m) and k[2] == k[3])
+    for (w0, t0), (w1, t1) in zip(line, line[1:]):
+        if w0 <= w <= w1:
+            return t0 + (t1 - t0) * (w - w0) / (w1 - w0)
+    return None
 
 
 def run_name(path: Path) -> str:
@@ -96,15 +115,20 @@ class Run:
             # really ran at: training times that a busy machine during the run cannot distort.
             attn = s.get("sat/effective-omission-rate-attn", {})
             mlp = s.get("sat/effective-omission-rate-mlp", {})
+            wgrad, head = s.get("sat/wgrad-keep", {}), s.get("sat/wgrad-keep-head", {})
             tokens = {it: tps[it] * dt for it, dt in times.items() if it in tps}
             times = {}
             for it in sorted(mlp):
-                key = (round(attn.get(it, 0.0), 3), round(mlp[it], 3))
-                if key not in step_times:
-                    raise SystemExit(f"error: {self.name}: iteration {it} ran at omission attn/mlp {key[0]}/{key[1]}, "
-                                     f"which --step-times does not have (it has {sorted(step_times)}); run "
-                                     f"tools/bench_step.py with --omissions {key[0]},{key[1]}")
-                times[it] = step_times[key]
+                key = (round(attn.get(it, 0.0), 3), round(mlp[it], 3), round(wgrad.get(it, 1.0), 3),
+                       round(head.get(it, 1.0), 3))
+                t = step_time(step_times, key)
+                if t is None:
+                    keys = ",".join(f"{v:g}" for v in key)
+                    raise SystemExit(f"error: {self.name}: iteration {it} ran at omission attn/mlp {key[0]}/{key[1]} "
+                                     f"and weight-gradient keeps {key[2]}/{key[3]}, which --step-times does not have "
+                                     f"(it has {sorted(step_times)}); run tools/bench_step.py with --omissions "
+                                     f"{keys if key[2:] != (1.0, 1.0) else f'{key[0]},{key[1]}'}")
+                times[it] = t
             tps = {it: tokens.get(it, 0.0) / dt for it, dt in times.items()}
         # cumulative training seconds and tokens at every logged iteration
         self.seconds, self.tokens, self.step_time = {0: 0.0}, {0: 0.0}, times

@@ -479,12 +479,13 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
     random generators keep this run's seeding."""
     d = Path(ckpt_dir) / tag
     old_tp, owners = manifest["tensor_model_parallel_size"], manifest["owners"]
+    verify_collectively(d, manifest)
     files: dict[tuple[int, int], dict] = {}
 
     def stored(name: str, r: int) -> dict:
         key = (r, owners[name])
         if key not in files:
-            files[key] = load_state_file(d / state_file(*key), manifest)
+            files[key] = load_state_file(d / state_file(*key))
         entry = files[key]["tensors"].get(name)
         if entry is None:
             raise SatDistError(f"--load {ckpt_dir}: {tag}/{state_file(*key)} lacks {name}; the checkpoint is damaged")
@@ -513,9 +514,35 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
                                      manifest.get("skipped_steps", 0), lr_position)
     same_layout = (old_tp, manifest["data_parallel_size"]) == (comm.tp_size, comm.dp_size)
     if same_layout and load_rng:
-        own = files.get((comm.tp_rank, comm.dp_rank)) or load_state_file(d / state_file(comm.tp_rank, comm.dp_rank),
-                                                                         manifest)
+        own = files.get((comm.tp_rank, comm.dp_rank)) or load_state_file(d / state_file(comm.tp_rank, comm.dp_rank))
         _set_rng_state(own.get("rng"))
+
+
+def verify_collectively(d: Path, manifest: dict) -> None:
+    """Check every state file of checkpoint `d` against the manifest's size and CRC-32, each
+    file read by one rank (file i by rank i mod world), and agree: if any file is damaged,
+    every rank raises naming it. Each byte is read once for the check, not once per rank
+    that later reads a slice of it. Collective over all ranks."""
+    records = manifest.get("files") or {}
+    names = [state_file(r, dp) for r in range(manifest["tensor_model_parallel_size"])
+             for dp in range(manifest["data_parallel_size"])]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    bad = len(names)  # no file
+    reason = ""
+    for i in range(rank, len(names), world):
+        if names[i] not in records:
+            continue  # a manifest written before checksums
+        try:
+            load_state_file(d / names[i], manifest, check_only=True)
+        except UnreadableStateFile as e:
+            bad, reason = min(bad, i), e.reason
+            break
+    flag = torch.tensor([bad], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    first = int(flag)
+    if first < len(names):
+        raise UnreadableStateFile(d / names[first], reason if first == bad else "its bytes do not match the "
+                                  "manifest's checksum (found by another rank): the file is damaged")
 
 
 class UnreadableStateFile(SatDistError):
@@ -527,7 +554,7 @@ class UnreadableStateFile(SatDistError):
         self.path, self.reason = Path(path), reason
 
 
-def load_state_file(path: str | Path, manifest: Optional[dict] = None) -> dict:
+def load_state_file(path: str | Path, manifest: Optional[dict] = None, check_only: bool = False) -> Optional[dict]:
     """A state file (state_file()), memory-mapped: only the tensors asked for are read from
     disk. With the manifest (which records each file's size and CRC-32) the file is first
     read through once and checked: damaged bytes are refused, not loaded. Raises
@@ -543,6 +570,8 @@ def load_state_file(path: str | Path, manifest: Optional[dict] = None) -> dict:
             raise UnreadableStateFile(path, f"its bytes do not match the manifest's checksum (size {size}, "
                                             f"CRC-32 {crc:08x}; recorded {record['size']}, {record['crc32']:08x}): "
                                             f"the file is damaged")
+    if check_only:
+        return None
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
