@@ -564,7 +564,7 @@ class TrainConfig:
     """Stop (after saving) at this iteration; 0: run to train_iters. For tests and tooling."""
     peak_tflops: Optional[float] = None
     """Peak TFLOP/s per GPU that throughput/mfu divides by; default: the device's data-sheet
-    value for the run's dtype (A100, H100, H200, L40S; sat_dist.train.metrics.PEAK_FLOPS)."""
+    value for the run's dtype, by exact device name (sat_dist.train.metrics.PEAK_FLOPS)."""
     distributed_timeout_minutes: int = 10
     """Timeout of every collective (Megatron's --distributed-timeout-minutes). Raise it when
     one rank works alone for long (a large checkpoint import or save on a slow filesystem)."""

@@ -18,12 +18,22 @@ def test_no_flags_is_the_default_job():
 def test_a_model_config_without_data_keeps_out_of_the_default_jobs_directories(tmp_path):
     """Before: --model-config X with no --data-path became the default job and tried to
     resume runs/default/checkpoints with another model."""
-    plan = plan_run(["--model-config", "tiny-test"])
+    import json
+
+    from sat_dist.train.arguments import MODEL_CONFIG_DIR
+
+    cfg = json.loads((MODEL_CONFIG_DIR / "tiny-test.json").read_text())
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps(dict(cfg, name="mine", vocab_size=8000)))  # fits the embedded tokenizer
+    plan = plan_run(["--model-config", str(own)])
     t = plan.run.train
     assert plan.embedded_data and not plan.default_job
     assert t.save is None and t.load is None and t.tensorboard_dir is None
-    plan = plan_run(["--model-config", "tiny-test", "--save", str(tmp_path / "ck")])
+    plan = plan_run(["--model-config", str(own), "--save", str(tmp_path / "ck")])
     assert plan.run.train.save == str(tmp_path / "ck") and plan.run.train.load is None
+    # a model whose vocabulary the embedded tokenizer overflows: refused before any corpus work
+    with pytest.raises(SatDistError, match="smaller than the embedded corpus' tokenizer"):
+        plan_run(["--model-config", "tiny-test"])
 
 
 @pytest.mark.parametrize("flags,msg", [

@@ -13,6 +13,12 @@ def test_peak_flops_by_device_and_dtype():
     assert device_peak_flops("NVIDIA A100-SXM4-80GB", True) == 312e12
     assert device_peak_flops("NVIDIA L40S", True) == 362e12
     assert device_peak_flops("Tesla T4", True) is None
+    # variants of one chip are told apart; a name not known exactly gets no MFU
+    assert device_peak_flops("NVIDIA H100 NVL", True) == 835e12
+    assert device_peak_flops("NVIDIA H800", True) == 989e12
+    assert device_peak_flops("NVIDIA H800 PCIe", True) == 756e12
+    assert device_peak_flops("NVIDIA A100-SXM4-40GB", False) == 19.5e12
+    assert device_peak_flops("NVIDIA H100 Something New", True) is None
 
 
 def test_one_visible_gpu_per_task_uses_device_0():

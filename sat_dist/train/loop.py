@@ -55,7 +55,10 @@ def micro_batch_loss(eng: Engine, ids: torch.Tensor, labels: torch.Tensor, run: 
     per-token loss or, with --reset-position-ids / --reset-attention-mask / --eod-mask-loss,
     the document-aware forward and Megatron's masked mean (sat_dist.data.documents)."""
     t = run.train
-    ids, labels = ids.to(dev), labels.to(dev)
+    if dev.type == "cuda":  # pinned and asynchronous: the copy does not drain the stream
+        ids, labels = ids.pin_memory().to(dev, non_blocking=True), labels.pin_memory().to(dev, non_blocking=True)
+    else:
+        ids, labels = ids.to(dev), labels.to(dev)
     if not (t.reset_position_ids or t.reset_attention_mask or t.eod_mask_loss):
         return eng(ids, labels).float().mean()
     doc = document_inputs(ids, int(source.eos_id), reset_position_ids=t.reset_position_ids,

@@ -36,22 +36,35 @@ def model_flops(cfg: ModelConfig, batch: int, seq: int, attn_keep: float = 1.0,
     return dense_tokens + batch * seq * seq * 6 * q * L * attn_keep
 
 
-# Dense peak FLOP/s per GPU from the vendors' data sheets (SXM parts, no structured
-# sparsity): (bf16 tensor cores, fp32 without TF32). Longer names first: "H100 PCIe" before "H100".
+# Dense peak FLOP/s per GPU from the vendors' data sheets (no structured sparsity):
+# (bf16 tensor cores, fp32 without TF32), by the exact name torch.cuda.get_device_name
+# reports. Variants of one chip differ (H100 SXM 989, NVL 835, PCIe 756 TFLOP/s bf16), so a
+# name is matched whole: an unknown device gets no MFU rather than a wrong one.
+_H100_SXM, _H100_NVL, _H100_PCIE = (989e12, 67e12), (835e12, 60e12), (756e12, 51e12)
+_A100 = (312e12, 19.5e12)
 PEAK_FLOPS = {
-    "H100 PCIe": (756e12, 51e12),
-    "H100": (989e12, 67e12),
-    "H200": (989e12, 67e12),
-    "A100": (312e12, 19.5e12),
-    "L40S": (362e12, 91.6e12),
+    "NVIDIA H100 80GB HBM3": _H100_SXM,
+    "NVIDIA H100 SXM5 80GB": _H100_SXM,
+    "NVIDIA H100 NVL": _H100_NVL,
+    "NVIDIA H100 PCIe": _H100_PCIE,
+    "NVIDIA H200": _H100_SXM,
+    "NVIDIA H200 NVL": _H100_NVL,
+    "NVIDIA H800": _H100_SXM,
+    "NVIDIA H800 PCIe": _H100_PCIE,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA L40S": (362e12, 91.6e12),
 }
 
 
 def device_peak_flops(device_name: str, bf16: bool) -> Optional[float]:
     """The peak FLOP/s MFU divides by, for a CUDA device name (torch.cuda.get_device_name)
-    and the run's dtype; None for a device not in PEAK_FLOPS (then pass --peak-tflops)."""
-    for key, (peak_bf16, peak_fp32) in PEAK_FLOPS.items():
-        if key.lower() in device_name.lower():
+    and the run's dtype; None for a name not in PEAK_FLOPS (then pass --peak-tflops)."""
+    wanted = " ".join(device_name.split()).lower()
+    for name, (peak_bf16, peak_fp32) in PEAK_FLOPS.items():
+        if name.lower() == wanted:
             return peak_bf16 if bf16 else peak_fp32
     return None
 
