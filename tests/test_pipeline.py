@@ -141,10 +141,10 @@ def test_export_errors_name_the_checkpoint_problem(uninterrupted, tmp_path, caps
 
     assert "no complete checkpoint iter_0000099" in error("--iteration", "99")
     (ckpt / "iter_0000004" / "state_tp00_dp001.pt").unlink()
-    assert "state_tp00_dp001.pt missing in iter_0000004; the checkpoint is incomplete" in error("--iteration", "4")
+    assert "iter_0000004/state_tp00_dp001.pt is missing; the checkpoint is damaged" in error("--iteration", "4")
     f = ckpt / "iter_0000006" / "state_tp00_dp000.pt"
     f.write_bytes(f.read_bytes()[:1000])
-    assert "state_tp00_dp000.pt is unreadable (" in error()  # the latest
+    assert "state_tp00_dp000.pt has 1000 bytes, the manifest records" in error()  # the latest
     shutil.rmtree(ckpt)
     assert "no such directory" in error()
 
