@@ -479,13 +479,22 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
     random generators keep this run's seeding."""
     d = Path(ckpt_dir) / tag
     old_tp, owners = manifest["tensor_model_parallel_size"], manifest["owners"]
-    verify_collectively(d, manifest)
+    # The checksums are read on a side thread while the state loads (zlib and file reads
+    # release the GIL; the loads then find the pages cached); nothing trains, and nothing is
+    # saved, before every rank has agreed that every file is intact.
+    checking = _start_check(d, manifest)
     files: dict[tuple[int, int], dict] = {}
 
     def stored(name: str, r: int) -> dict:
         key = (r, owners[name])
         if key not in files:
-            files[key] = load_state_file(d / state_file(*key))
+            try:
+                files[key] = load_state_file(d / state_file(*key))
+            except UnreadableStateFile:
+                bad, reason = checking.result()  # damaged bytes: say so, if this rank's check found it
+                if bad < len(_state_files(manifest)):
+                    raise UnreadableStateFile(d / _state_files(manifest)[bad], reason) from None
+                raise
         entry = files[key]["tensors"].get(name)
         if entry is None:
             raise SatDistError(f"--load {ckpt_dir}: {tag}/{state_file(*key)} lacks {name}; the checkpoint is damaged")
@@ -507,6 +516,7 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
                      for k in keys if first.get(k) is not None}
         zero.write_param_state(engine.optimizer, p, name, local, comm, stage3)
     zero.finish_param_writes(engine.optimizer, stage3)
+    agree_intact(d, manifest, checking.result())
     if load_optim or lr_position is not None:
         # --finetune keeps the fresh engine's counters (iteration 0, nothing consumed, LR step 0)
         zero.restore_engine_counters(engine, manifest["iteration"], manifest["consumed_samples"],
@@ -518,25 +528,41 @@ def restore_checkpoint(engine, model, ckpt_dir: str, tag: str, manifest: dict, c
         _set_rng_state(own.get("rng"))
 
 
-def verify_collectively(d: Path, manifest: dict) -> None:
-    """Check every state file of checkpoint `d` against the manifest's size and CRC-32, each
-    file read by one rank (file i by rank i mod world), and agree: if any file is damaged,
-    every rank raises naming it. Each byte is read once for the check, not once per rank
-    that later reads a slice of it. Collective over all ranks."""
+def _state_files(manifest: dict) -> list[str]:
+    return [state_file(r, dp) for r in range(manifest["tensor_model_parallel_size"])
+            for dp in range(manifest["data_parallel_size"])]
+
+
+def _start_check(d: Path, manifest: dict):
+    """Start checking this rank's share of the state files (file i by rank i mod world) on a
+    side thread; its result: (index of the first damaged file or len(files), reason)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = _state_files(manifest)
     records = manifest.get("files") or {}
-    names = [state_file(r, dp) for r in range(manifest["tensor_model_parallel_size"])
-             for dp in range(manifest["data_parallel_size"])]
     rank, world = dist.get_rank(), dist.get_world_size()
-    bad = len(names)  # no file
-    reason = ""
-    for i in range(rank, len(names), world):
-        if names[i] not in records:
-            continue  # a manifest written before checksums
-        try:
-            load_state_file(d / names[i], manifest, check_only=True)
-        except UnreadableStateFile as e:
-            bad, reason = min(bad, i), e.reason
-            break
+
+    def check():
+        for i in range(rank, len(names), world):
+            if names[i] not in records:
+                continue  # a manifest written before checksums
+            try:
+                load_state_file(d / names[i], manifest, check_only=True)
+            except UnreadableStateFile as e:
+                return i, e.reason
+        return len(names), ""
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(check)
+    pool.shutdown(wait=False)
+    return future
+
+
+def agree_intact(d: Path, manifest: dict, mine: tuple[int, str]) -> None:
+    """All ranks agree on the checks of _start_check: if any file is damaged, every rank
+    raises naming it. Collective over all ranks."""
+    names = _state_files(manifest)
+    bad, reason = mine
     flag = torch.tensor([bad], dtype=torch.int64)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     first = int(flag)
