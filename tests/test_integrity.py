@@ -135,7 +135,8 @@ def test_a_dataset_changed_under_its_prefix_is_refused(corpus, reference_run, tm
             shutil.copy(extra, data / extra.name)
     prefix = str(data / "stdlib")
     ckpt = tmp_path / "ckpt"
-    torchrun(2, _flags(corpus, **{"data-path": prefix, "save": ckpt, "exit-interval": 2}))
+    r = _pretrain(_flags(corpus, **{"data-path": prefix, "save": ckpt, "exit-interval": 2}))
+    assert r.returncode == 0, r.stderr[-3000:]
     src = IndexedDatasetReader(prefix)
     docs = [np.array(src[i]) for i in range(len(src))]
     dtype = src.tokens.dtype
@@ -148,8 +149,9 @@ def test_a_dataset_changed_under_its_prefix_is_refused(corpus, reference_run, tm
     r = _pretrain(_flags(corpus, **{"data-path": prefix, "load": ckpt, "save": ckpt}))
     _refused(r, f"dataset {prefix} changed since the checkpoint", "--accept-changed-data", "--finetune")
     assert digest(ckpt) == before
-    r = torchrun(2, _flags(corpus, **{"data-path": prefix, "load": ckpt, "save": ckpt, "accept-changed-data": True}))
-    assert "starts again at sample 0" in r.stdout
+    r = _pretrain(_flags(corpus, **{"data-path": prefix, "load": ckpt, "save": ckpt, "accept-changed-data": True,
+                                    "exit-interval": 3}))
+    assert r.returncode == 0 and "starts again at sample 0" in r.stdout, r.stderr[-3000:]
 
 
 def test_save_naming_a_file_is_refused_before_training(corpus, tmp_path):
