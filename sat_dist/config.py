@@ -41,28 +41,27 @@ WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=64)
+def _parse_numbers(text: str, field: str, allowed: str) -> Optional[tuple[float, ...]]:
+    """Comma-separated numbers of a SATConfig text field (None when empty); cached: every
+    layer's forward reads them."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SatDistError(f"sat.{field}: got {text!r}; allowed: {allowed}") from None
+
+
 def _parse_layer_rates(text: str) -> Optional[tuple[float, ...]]:
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise SatDistError(f"sat.omission_mlp_layers: got {text!r}; allowed: comma-separated numbers in [0, 1), "
-                           f"one per layer (e.g. 0,0.4,0.4)") from None
+    return _parse_numbers(text, "omission_mlp_layers", "comma-separated numbers in [0, 1), one per layer "
+                          "(e.g. 0,0.4,0.4)")
 
 
-@functools.lru_cache(maxsize=32)
 def _parse_keeps(text: str) -> Optional[tuple[float, ...]]:
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise SatDistError(f"sat.wgrad_tokens_linears: got {text!r}; allowed: comma-separated numbers in (0, 1], "
-                           f"4 per layer (q/k/v, o, gate/up, down)") from None
+    return _parse_numbers(text, "wgrad_tokens_linears", "comma-separated numbers in (0, 1], 4 per layer "
+                          "(q/k/v, o, gate/up, down)")
 
 
 @dataclass
