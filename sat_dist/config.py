@@ -577,6 +577,25 @@ class TrainConfig:
     eod_mask_loss: bool = False
     """No loss at positions whose input token is EOD (predicting the next document's first
     token from the previous one's end)."""
+    eval_tasks: Optional[list[str]] = None
+    """Downstream tasks of lm-evaluation-harness (comma-separated names: tasks, groups or
+    tags it knows, or of --eval-tasks-path), scored on the dense model being trained, on
+    every rank (sat_dist.eval; docs/EVALUATION.md). Needs the `eval` extra."""
+    eval_tasks_path: Optional[str] = None
+    """A directory of harness task YAMLs of one's own (relative data_files resolve beside
+    each YAML)."""
+    eval_tasks_interval: Optional[int] = None
+    """Run --eval-tasks every this many steps (default: --eval-interval; 0: only at the end).
+    Always at the end of training too, and alone with --skip-train."""
+    eval_tasks_limit: Optional[int] = None
+    """Examples per task (default: all); for quick looks, not for reported numbers."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project: global rank 0 logs the TensorBoard scalars and the run's
+    config there (Megatron's flag; WANDB_MODE=offline writes to disk). Needs the `wandb` extra."""
+    wandb_exp_name: Optional[str] = None
+    """The W&B run's name (Megatron's flag)."""
+    wandb_save_dir: Optional[str] = None
+    """Where W&B writes its files (default: --save/wandb, else ./wandb)."""
 
     def validate(self) -> "TrainConfig":
         """Errors name the flag: `--<flag>: got <value>; allowed: ...` (or what to do)."""
@@ -613,7 +632,8 @@ class TrainConfig:
                             ("--test-data-path", self.test_data_path)):
             if value and self.tokenizer_model is None:
                 raise SatDistError(f"{flag} needs --tokenizer-model (the tokenizer the data was made with)")
-        if self.skip_train and not self.valid_data_path and not self.data_path and not self.test_data_path:
+        if (self.skip_train and not self.valid_data_path and not self.data_path and not self.test_data_path
+                and not self.eval_tasks):
             raise SatDistError("--skip-train evaluates the validation sets: give --valid-data-path (or "
                                "--data-path with a validation share in --split)")
         if self.valid_data_path:
@@ -621,7 +641,24 @@ class TrainConfig:
             if not self.data_path and not self.train_data_path:
                 raise SatDistError("--valid-data-path needs --data-path (or --train-data-path) and "
                                    "--tokenizer-model: the sets are read with the run's tokenizer")
+        self._validate_eval_and_logging()
         return self
+
+    def _validate_eval_and_logging(self) -> None:
+        for name in ("eval_tasks_path", "eval_tasks_interval", "eval_tasks_limit"):
+            if getattr(self, name) is not None and not self.eval_tasks:
+                raise SatDistError(f"--{name.replace('_', '-')} needs --eval-tasks (the tasks it is about)")
+        if self.eval_tasks_interval is not None and (not _is_int(self.eval_tasks_interval)
+                                                     or self.eval_tasks_interval < 0):
+            raise SatDistError(f"--eval-tasks-interval: got {self.eval_tasks_interval}; allowed: an integer >= 0 "
+                               f"(0: only at the end of training)")
+        if self.eval_tasks_limit is not None and (not _is_int(self.eval_tasks_limit) or self.eval_tasks_limit < 1):
+            raise SatDistError(f"--eval-tasks-limit: got {self.eval_tasks_limit}; allowed: an integer >= 1 "
+                               f"(examples per task)")
+        for name in ("wandb_exp_name", "wandb_save_dir"):
+            if getattr(self, name) and not self.wandb_project:
+                raise SatDistError(f"--{name.replace('_', '-')} needs --wandb-project (W&B logging is on only "
+                                   f"with a project)")
 
     def _validate_lr_schedule(self) -> None:
         if self.sat_comm_sparse not in COMM_SPARSE_CHOICES:

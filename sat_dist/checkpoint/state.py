@@ -9,8 +9,9 @@ A checkpoint directory:
     sat_dist.json            the manifest: iteration, consumed samples, layout, which file
                              holds which parameter, Adam step, LR scheduler state, model, and
                              the run definition (the LR and SAT schedules and the data order,
-                             by flag name), and the size and CRC-32 of every state file
-                             (checked before a resume or an export reads it); written last,
+                             by flag name), the size and CRC-32 of every state file
+                             (checked before a resume or an export reads it), and, for a run
+                             logging to W&B, its run id ("wandb_run_id"; optional); written last,
                              so a save killed midway is never resumed. (Older manifests may
                              hold the SAT schedule a second time, as "sat_schedule", unread,
                              and no "files": their state files are not checksummed.)
@@ -152,6 +153,9 @@ def _manifest_problem(m: dict) -> Optional[str]:
     bad = [k for k, v in m["owners"].items() if not (is_int(v, 0) and v < dp)]
     if bad:
         return f"owners[{bad[0]!r}] is not a DP rank below {dp}"
+    run_id = m.get("wandb_run_id")  # optional: only runs with --wandb-project record it
+    if run_id is not None and not (isinstance(run_id, str) and run_id.strip()):
+        return f"wandb_run_id is {run_id!r}, not a non-empty string"
     files = m.get("files")
     if files is not None:
         if not isinstance(files, dict) or not all(

@@ -137,7 +137,8 @@ class Trainer:
     --train-iters (or --exit-interval), or until preempted."""
 
     def __init__(self, run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
-                 datasets: dict[str, BlendedDataset], log=print, definition: Optional[dict] = None):
+                 datasets: dict[str, BlendedDataset], log=print, definition: Optional[dict] = None,
+                 downstream=None):
         t = self.t = run.train
         self.run_cfg, self.eng, self.comm, self.model_cfg, self.log = run, eng, comm, model_cfg, log
         # What every checkpoint records for check_resume (the caller may have made it already).
@@ -166,6 +167,8 @@ class Trainer:
         self.peak = self._peak_flops(t)
         self.p = Progress()
         self.tb: Optional[TensorBoardLog] = None
+        self.downstream = downstream  # --eval-tasks (sat_dist.eval.runner.DownstreamEval) or None
+        self.wandb_resume_id: Optional[str] = None  # the W&B run a resumed checkpoint logged to
         self._saved_at: Optional[int] = None  # iteration of the last checkpoint known complete
 
     def _peak_flops(self, t) -> Optional[float]:
@@ -227,6 +230,7 @@ class Trainer:
                 self.budget.restore(manifest["sat_budget"])  # the scale the run had reached
                 self.eng.sat.wgrad_scale = self.budget.scale
             self._saved_at = p.iteration
+            self.wandb_resume_id = manifest.get("wandb_run_id")
             new_stage = t.override_opt_param_scheduler and bool(definition_changes(manifest, self.definition))
             self.stage_start = saved_iteration if new_stage else manifest.get("stage_start_iteration", 0)
         self.schedule = OmissionSchedule(self.run_cfg.sat, t.train_iters - self.stage_start, self.stage_start)
@@ -257,16 +261,21 @@ class Trainer:
         start_iter = p.iteration
         if p.iteration >= self.last and self.rank0:
             self.log(f"nothing to train: the checkpoint is at iteration {p.iteration} of {self.last}")
-        self.tb = TensorBoardLog(t.tensorboard_dir, self.rank0)
+        from sat_dist.train.wandb_log import open_scalar_logs
+
+        self.tb = open_scalar_logs(self.run_cfg, self.rank0, self.eng.ds_config,
+                                   {"tensor_model_parallel_size": self.comm.tp_size,
+                                    "data_parallel_size": self.comm.dp_size}, self.wandb_resume_id, self.dev, self.log)
         if self.rank0:
             self._describe()
         if t.skip_train:
-            if not self.valid_sets and self.test_set is None:
+            if not self.valid_sets and self.test_set is None and self.downstream is None:
                 raise SatDistError("--skip-train: no validation set to evaluate (the --split gives the "
                                    "validation share 0); give --valid-data-path or a nonzero share")
             try:
                 self._validate()
                 self._test()
+                self._eval_tasks()
             finally:
                 self.tb.close()
             return p
@@ -283,6 +292,8 @@ class Trainer:
                     self._validate()
                 if t.save_interval and p.iteration % t.save_interval == 0:
                     self._save()
+                if self.downstream is not None and self.downstream.due(p.iteration):
+                    self._eval_tasks()
                 # iteration-time measures training steps only, not evaluation or saving.
                 self._interval_start += time.perf_counter() - paused
             if preempted and p.iteration < self.last:
@@ -305,6 +316,7 @@ class Trainer:
                     raise SatDistError(f"the last {p.skipped_in_row} step(s) were non-finite (updates skipped), so "
                                        f"no checkpoint was written at iteration {p.iteration}; resume from {good} "
                                        f"with a lower --lr, or check the data")
+                self._eval_tasks()
         finally:
             preemption.restore()
             self.tb.close()
@@ -483,6 +495,12 @@ class Trainer:
         if self.rank0:
             self.log(f" test at iteration {self.p.iteration} | lm loss test: {loss:.6E} | lm loss test ppl: {ppl:.3f}")
 
+    def _eval_tasks(self) -> None:
+        """--eval-tasks on the dense model now (every rank takes part)."""
+        if self.downstream is not None:
+            self.tb.scalars(self.p.iteration, self.downstream.run(self.eng, self.comm, self.p.iteration,
+                                                                  self.p.consumed_samples, self.log))
+
     def _wgrad_keeps(self) -> tuple[float, float]:
         """(FLOP-weighted mean keep fraction of the decoder products' weight gradients, the LM
         head's) at the last step's settings: 1, 1 when nothing is sampled."""
@@ -500,6 +518,8 @@ class Trainer:
         extra = {"data_positions": self.data_pos.to_manifest()}
         if self.budget is not None:
             extra["sat_budget"] = self.budget.state()
+        if getattr(self.tb, "wandb_run_id", None):
+            extra["wandb_run_id"] = self.tb.wandb_run_id  # a resume continues this W&B run
         return extra
 
     def _save(self) -> None:
@@ -522,10 +542,11 @@ class Trainer:
 
 def train(run: RunConfig, eng: Engine, comm: ParallelComm, model_cfg: ModelConfig,
           datasets: dict[str, BlendedDataset], resume: Optional[tuple[str, dict]] = None,
-          log=print, definition: Optional[dict] = None) -> Progress:
+          log=print, definition: Optional[dict] = None, downstream=None) -> Progress:
     """Train; `resume` is check_resume()'s (tag, manifest) when continuing a checkpoint;
-    `definition` the run definition it was checked against (made here when None)."""
-    trainer = Trainer(run, eng, comm, model_cfg, datasets, log, definition)
+    `definition` the run definition it was checked against (made here when None);
+    `downstream` the --eval-tasks evaluation (sat_dist.eval.runner), or None."""
+    trainer = Trainer(run, eng, comm, model_cfg, datasets, log, definition, downstream)
     if resume is not None:
         trainer.resume(*resume)
     return trainer.run()

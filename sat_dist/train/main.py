@@ -71,6 +71,8 @@ class RunPlan:
     datasets: Optional[dict]
     """Opened datasets; None on the embedded corpus, which rank 0 makes once the process
     group exists."""
+    eval_tasks: Optional[object] = None
+    """--eval-tasks, found and loaded (sat_dist.eval.tasks.EvalTasks), or None."""
 
 
 def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
@@ -108,6 +110,11 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
     comm_sparse_wanted(t.sat_comm_sparse, run.sat, ds, dp)  # "on" where it cannot run: the error, before the ranks
     check_save_dir(t.save, t.load)  # before the datasets: opening them can take a while
     check_output_dir("--tensorboard-dir", t.tensorboard_dir)
+    check_output_dir("--wandb-save-dir", t.wandb_save_dir)
+    if t.wandb_project:
+        from sat_dist.train.wandb_log import require_wandb
+
+        require_wandb()
     datasets = None if embedded else open_datasets(t, model_cfg, dp)
     definition = run_definition(run, model_cfg)
     resume = check_resume(t.load, model_cfg, definition, override=t.override_opt_param_scheduler,
@@ -119,7 +126,12 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
         changed = datasets["train"].changed_since(position_from_manifest(resume[1], datasets["train"]))
         if changed:
             raise_changed(changed)
-    return RunPlan(run, model_cfg, hf_sd, dp, ds, definition, resume, default_job, embedded, datasets)
+    eval_tasks = None
+    if t.eval_tasks:  # a task unknown, or whose data is not here: one line, before any rank starts
+        from sat_dist.eval.tasks import load_eval_tasks
+
+        eval_tasks = load_eval_tasks(t.eval_tasks, t.eval_tasks_path, t.eval_tasks_limit)
+    return RunPlan(run, model_cfg, hf_sd, dp, ds, definition, resume, default_job, embedded, datasets, eval_tasks)
 
 
 def _embedded_data(t: TrainConfig) -> bool:
@@ -287,5 +299,10 @@ def _run(argv) -> int:
     hf_sd = plan.hf_state_dict if plan.resume is None else None  # a resume takes the checkpoint's weights
     eng = build_engine(model_cfg, s, t, comm, hf_sd, ds_config=plan.ds_config)
     log(comm_sparse_line(t.sat_comm_sparse, s, plan.ds_config, comm.dp_size))
-    train(run, eng, comm, model_cfg, datasets, plan.resume, log, definition=plan.definition)
+    downstream = None
+    if plan.eval_tasks is not None:
+        from sat_dist.eval.runner import DownstreamEval
+
+        downstream = DownstreamEval(plan.eval_tasks, t, model_cfg)
+    train(run, eng, comm, model_cfg, datasets, plan.resume, log, definition=plan.definition, downstream=downstream)
     return 0
