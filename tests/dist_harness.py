@@ -39,6 +39,10 @@ def _child(rank, world, port, fn, args, queue):
         queue.put((rank, "error", traceback.format_exc()))
         code = 1
     finally:
+        # The queue's feeder thread sends in the background: flush it before the hard exit,
+        # or a failing rank's traceback is lost and the parent waits out its timeout.
+        queue.close()
+        queue.join_thread()
         os._exit(code)
 
 

@@ -40,7 +40,7 @@ def _sat(metric: str = "activation") -> SATConfig:
 
 
 def _run(rank, world, tp, cfg, mode, sat_cfg, accum, steps, bf16=False, route="auto", zero_over=None,
-         recompute=False):
+         recompute=False, record=False):
     """Train `steps` SAT steps (every fourth dense); per step the loss (averaged over DP) and the gradient norm,
     then every weight whole (fp32 master) and the bytes each phase sent. Sampled weight gradients
     (sat_cfg.wgrad_tokens < 1) run on every step, the dense ones included."""
@@ -62,6 +62,9 @@ def _run(rank, world, tp, cfg, mode, sat_cfg, accum, steps, bf16=False, route="a
     assert (zero is not None) == (mode == "on")
     if zero is not None:
         zero.scoring_route = route
+    log = []
+    if record:
+        zero.comm = _Recording(zero.comm, log, {id(p): n for n, p in eng.model.named_parameters()})
     gen = torch.Generator().manual_seed(100 + comm.dp_rank)
     batches = [torch.randint(0, cfg.vocab_size, (1, SEQ + 1), generator=gen) for _ in range(accum)]
     losses, norms, per_step = [], [], []
@@ -75,6 +78,7 @@ def _run(rank, world, tp, cfg, mode, sat_cfg, accum, steps, bf16=False, route="a
             eng.sat.set_step(step, micro, 0.0 if dense else sat_cfg.omission_attn,
                              0.0 if dense else sat_cfg.omission_mlp, wgrad=1.0)
             ids = batches[micro]  # the same batches every step: the loss must fall
+            log.append(("micro", step, micro))
             loss = eng(ids[:, :-1], ids[:, 1:]).float().mean()
             eng.backward(loss)
             eng.step()
@@ -89,7 +93,34 @@ def _run(rank, world, tp, cfg, mode, sat_cfg, accum, steps, bf16=False, route="a
     weights = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in eng.model.named_parameters()}
     kept = {k: v for k, v in eng.sat.kept.items()}
     return {"tp_rank": comm.tp_rank, "dp_rank": comm.dp_rank, "losses": losses, "norms": norms,
-            "weights": weights, "kept": kept, "per_step": per_step}
+            "weights": weights, "kept": kept, "per_step": per_step, "log": log}
+
+
+class _Recording:
+    """Comm-sparse's collectives, recording when each is issued and when waited for."""
+
+    def __init__(self, inner, log, names):
+        self.inner, self.log, self.serial = inner, log, 0
+
+    def _issue(self, kind, tag, work):
+        n, self.serial = self.serial, self.serial + 1
+        self.log.append(("issue", tag, n))
+        log = self.log
+
+        class Handle:
+            def wait(self):
+                log.append(("wait", tag, n))
+                return work.wait()
+        return Handle()
+
+    def all_gather(self, out, inp, tag):
+        return self._issue("gather", tag, self.inner.all_gather(out, inp, tag))
+
+    def reduce_scatter(self, out, inp, tag):
+        return self._issue("reduce", tag, self.inner.reduce_scatter(out, inp, tag))
+
+    def all_reduce(self, t, **kw):
+        return self.inner.all_reduce(t, **kw)
 
 
 def _compare(on, off, loss_tol=2e-5, weight_tol=2e-5):
@@ -257,3 +288,54 @@ def test_sampled_weight_gradients_under_zero1_and_recompute():
     rc = run_ranks(2, _run, 1, cfg, "off", sat_cfg, 2, 6, False, "tokens", None, True, timeout=600)
     _compare(z1, z3, weight_tol=1e-4)
     _compare(rc, z3, weight_tol=1e-4)
+
+
+def _micro_batches(log):
+    """log -> {(step, micro): [(event, tag, serial)]}"""
+    out, key = {}, None
+    for e in log:
+        if e[0] == "micro":
+            key = e[1:]
+            out[key] = []
+        else:
+            out[key].append(e)
+    return out
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
+def test_gathers_run_ahead_and_reduces_wait_a_layer_behind(recompute):
+    """The issue/wait order of comm-sparse's collectives on a micro-batch whose selections are
+    settled (the step's second): every gather is issued before the previous one is waited for
+    (one product ahead), forward and backward; a gradient reduce is waited for only once
+    REDUCE_WINDOW later reduces are issued, or at the backward's end; nothing is left in
+    flight. With activation recompute each product is gathered twice (forward and
+    recomputed forward, as DeepSpeed), not three times. Losses and weights equal the
+    whole-weight path's either way."""
+    from sat_dist.parallel.row_sparse_zero import REDUCE_WINDOW
+
+    cfg = ModelConfig.from_file(MODEL_CONFIG_DIR / "tiny-test.json")
+    products = 4 * cfg.num_layers
+    regather = None if recompute else REGATHER
+    on = run_ranks(2, _run, 1, cfg, "on", _sat(), 2, 4, False, "tokens", regather, recompute, True, timeout=600)
+    off = run_ranks(2, _run, 1, cfg, "off", _sat(), 2, 4, False, "tokens", regather, recompute, timeout=600)
+    _compare(on, off)
+    for r in on:
+        events = _micro_batches(r["log"])[(1, 1)]
+        for phase in ("forward_gather", "backward_gather"):
+            issued = [n for e, tag, n in events if e == "issue" and tag == phase]
+            waited = [n for e, tag, n in events if e == "wait" and tag == phase]
+            assert sorted(waited) == sorted(issued)  # everything issued is used
+            pos = {(e, n): i for i, (e, tag, n) in enumerate(events) if tag == phase}
+            for i, (a, b) in enumerate(zip(issued, issued[1:])):
+                if i + 1 >= products and (i + 1 - products) % 4 == 0:
+                    continue  # a layer's recomputation starts: the layer above was recomputed before it
+                assert pos[("issue", b)] < pos[("wait", a)], (phase, a, b, events)
+        fwd = [n for e, tag, n in events if e == "issue" and tag == "forward_gather"]
+        bwd = [n for e, tag, n in events if e == "issue" and tag == "backward_gather"]
+        assert (len(fwd), len(bwd)) == ((2 * products, 0) if recompute else (products, products))
+        reduces = [n for e, tag, n in events if e == "issue" and tag == "grad_reduce"]
+        assert len(reduces) == products
+        pos = {(e, n): i for i, (e, tag, n) in enumerate(events) if tag == "grad_reduce"}
+        for i, n in enumerate(reduces):
+            later = reduces[min(i + REDUCE_WINDOW, len(reduces) - 1)]
+            assert pos[("wait", n)] > pos[("issue", later)], (n, events)

@@ -31,7 +31,7 @@ from sat_dist.errors import SatDistError
 from sat_dist.model.comm import SINGLE_PROCESS, ParallelComm
 from sat_dist.model.layout import layout_of
 from sat_dist.model.rope import inverse_frequencies, rope_scaling_key
-from sat_dist.model.sat_state import SATState
+from sat_dist.model.sat_state import UNSETTLED, SATState
 from sat_dist.model.sparse_ops import backward_sparse_mlp, kept_linear, sampled_linear, unit_rows
 from sat_dist.sat.compensation import omitted_mean_bias
 from sat_dist.sat.importance import attention_scores, mlp_scores, mlp_scores_and_mean
@@ -133,6 +133,18 @@ class SATAttention(nn.Module):
         # changes from step to step.
         self.row_zero, self.row_weights = zero, (self.qkv_weight, self.proj_weight)
 
+    def row_products(self) -> list:
+        """[(weight, peek, layer)] of qkv and proj for RowSparseZero.register_order: peek() ->
+        (rows, selection) once this micro-batch's selection is settled, else UNSETTLED."""
+        rows_per_unit = ((self.r + 2) * self.d, self.r * self.d)
+
+        def peek(i):
+            kept = self.sat.peek(self.layer, "attn", self.groups)
+            if kept is UNSETTLED or kept is None:
+                return kept if kept is UNSETTLED else (None, None)
+            return unit_rows(kept, rows_per_unit[i]), kept
+        return [(w, (lambda i=i: peek(i)), self.layer) for i, w in enumerate(self.row_weights)]
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         # x [b, s, h]; attn_mask bool [b, 1, s, s] (True: may attend) or None: causal;
@@ -157,7 +169,8 @@ class SATAttention(nn.Module):
         x = self.comm.copy_to_tp(x)
         if zero is not None:
             g = self.groups if kept is None else kept.numel()
-            qkv = zero.linear(x, qkv_w, None if kept is None else unit_rows(kept, (r + 2) * d), sampler=s_qkv)
+            qkv = zero.linear(x, qkv_w, None if kept is None else unit_rows(kept, (r + 2) * d), sampler=s_qkv,
+                              selection=kept)
         elif kept is None:
             g = self.groups
             qkv = sampled_linear(x, self.qkv_weight, s_qkv)
@@ -186,7 +199,7 @@ class SATAttention(nn.Module):
         out = out.transpose(1, 2).reshape(b, s, g * r * d)  # [b, s, g*r*d]
         if zero is not None:
             y = zero.linear(out, proj_w, None if kept is None else unit_rows(kept, r * d), kept_in=True,
-                            sampler=s_proj)
+                            sampler=s_proj, selection=kept)
         elif kept is None:
             y = sampled_linear(out, self.proj_weight, s_proj, kept_in=True)  # [b, s, h] partial over TP
         else:
@@ -211,6 +224,15 @@ class SATMLP(nn.Module):
 
     def use_row_zero(self, zero) -> None:
         self.row_zero, self.row_weights = zero, (self.fc1_weight, self.fc2_weight)  # every step, as attention's
+
+    def row_products(self) -> list:
+        """[(weight, peek, layer)] of fc1 and fc2 (see SATAttention's)."""
+        def peek(i):
+            kept = self.sat.peek(self.layer, "mlp", self.f)
+            if kept is UNSETTLED or kept is None:
+                return kept if kept is UNSETTLED else (None, None)
+            return (torch.cat((kept, kept + self.f)) if i == 0 else kept), kept
+        return [(w, (lambda i=i: peek(i)), self.layer) for i, w in enumerate(self.row_weights)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
         if self.row_zero is not None:
@@ -255,8 +277,9 @@ class SATMLP(nn.Module):
         s1, s2 = self._samplers()
         x = self.comm.copy_to_tp(x)
         fc1_rows = None if kept is None else torch.cat((kept, kept + self.f))  # gate rows, then up rows
-        gate, up = zero.linear(x, fc1, fc1_rows, sampler=s1).chunk(2, dim=-1)  # [b, s, k] each
-        y = zero.linear(F.silu(gate) * up, fc2, kept, kept_in=True, sampler=s2)  # [b, s, h] partial over TP
+        gate, up = zero.linear(x, fc1, fc1_rows, sampler=s1, selection=kept).chunk(2, dim=-1)  # [b, s, k] each
+        y = zero.linear(F.silu(gate) * up, fc2, kept, kept_in=True, sampler=s2,
+                        selection=kept)  # [b, s, h] partial over TP
         return self.comm.reduce_from_tp(y)
 
     def _forward_dense_backward_sparse(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ KINDS = ("attn", "mlp")
 PRODUCTS = ("qkv", "proj", "fc1", "fc2")
 """A decoder layer's linear products, in the order of --sat-wgrad-tokens-linears."""
 ScoresOut = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+UNSETTLED = object()
+"""SATState.peek: the selection is made when the layer runs."""
 
 
 class SATState:
@@ -101,11 +103,10 @@ class SATState:
             return self._record(layer, kind, idx, idx.numel(), n_local)
         if self.cfg is None:
             return self._record(layer, kind, None, n_local, n_local)
-        k = layer_keep_count(n_local, self.rates[kind], self.align(kind), self.cfg, kind, layer)
+        k, key = self._keep_and_key(layer, kind, n_local)
         if k >= n_local:
             return self._record(layer, kind, None, n_local, n_local)
-        micro = self.micro if self.cfg.granularity == "micro-batch" else 0
-        key = (self.step, micro, k)
+        micro = key[1]
         made = self._made.get((layer, kind))
         if made is None or made[0] != key:
             # Seeded from the selection key, never from global RNG state: every DP replica of
@@ -120,6 +121,26 @@ class SATState:
                 idx = select_units(scores, k, self.cfg.selection, self.cfg.temperature, gen)
             made = self._made[(layer, kind)] = (key, idx, mean, weights)
         return self._record(layer, kind, made[1], k, n_local)
+
+    def _keep_and_key(self, layer: int, kind: str, n_local: int) -> tuple[int, tuple]:
+        """The units of (layer, kind) to keep now, and the key of their selection."""
+        k = layer_keep_count(n_local, self.rates[kind], self.align(kind), self.cfg, kind, layer)
+        micro = self.micro if self.cfg.granularity == "micro-batch" else 0
+        return k, (self.step, micro, k)
+
+    def peek(self, layer: int, kind: str, n_local: int):
+        """What kept_units will return for (layer, kind) in this micro-batch if that is settled
+        without scoring (all units, or a selection made earlier under the same key), else
+        UNSETTLED: lets comm-sparse ZeRO-3 gather a product's rows before the product runs."""
+        if (layer, kind) in self.forced:
+            return UNSETTLED
+        if self.cfg is None:
+            return None
+        k, key = self._keep_and_key(layer, kind, n_local)
+        if k >= n_local:
+            return None
+        made = self._made.get((layer, kind))
+        return made[1] if made is not None and made[0] == key else UNSETTLED
 
     def selection_mean(self, layer: int, kind: str) -> Optional[torch.Tensor]:
         """The mean activations [n_local] that came with the current selection of (layer, kind)

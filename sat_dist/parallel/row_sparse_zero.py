@@ -38,12 +38,15 @@ Used by sat_dist.model.llama (the model sees only `linear`, `mlp_scores`,
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sat_dist.errors import SatDistError
+from sat_dist.model.sat_state import UNSETTLED
 from sat_dist.model.token_sampler import weight_grad_operands
 from sat_dist.parallel.zero_bytes import scoring_bytes
 from sat_dist.sat.importance import attention_scores, mlp_scores, no_reduce
@@ -51,34 +54,110 @@ from sat_dist.sat.importance import attention_scores, mlp_scores, no_reduce
 PHASES = ("forward_gather", "backward_gather", "grad_reduce", "scoring")
 """What bytes_moved counts, per rank: the collectives' traffic by what they are for."""
 
+REDUCE_WINDOW = 4
+"""Kept-row gradient reduce-scatters in flight before the oldest is waited for: one layer's
+products. Each holds its kept-row gradient until done, so the window bounds that memory; the
+rest are waited for at the end of the backward (finish_backward)."""
+
+MIN_CHUNK = 16
+"""Uneven shares are packed and unpacked with one index_select/index_copy over chunks of
+gcd(partition, row) elements; below this chunk size the index would outweigh the data and
+the shares are copied one slice per rank instead."""
+
+
+class Collectives:
+    """The two asynchronous collectives comm-sparse issues, over one DP group: a seam for the
+    tests that record issue and wait order (a recording subclass)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, tag: str):
+        """Start all-gathering `inp` of every rank into `out`; returns a handle with wait()."""
+        return dist.all_gather_into_tensor(out, inp, group=self.group, async_op=True)
+
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, tag: str):
+        """Start summing `inp` over the ranks, this rank's share into `out`; a handle."""
+        return dist.reduce_scatter_tensor(out, inp, group=self.group, async_op=True)
+
+    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
+        dist.all_reduce(t, op=op, group=self.group)
+
 
 class RowSparseZero:
-    """Kept-row gathers and reduces of ZeRO-3 partitioned 2-D weights over one DP group."""
+    """Kept-row gathers and reduces of ZeRO-3 partitioned 2-D weights over one DP group.
 
-    def __init__(self, optimizer, group, metric: str, keep_for_backward: frozenset = frozenset()):
+    On a GPU the step never waits on the host here except once per product and selection
+    (the layout of a new selection: collective sizes must be known on the host); layouts and
+    their index tensors are cached for the rest of the step. Gathers run one product ahead
+    of use (`register_order`) and gradient reduces are waited for a layer behind, all by
+    `finish_backward`."""
+
+    def __init__(self, optimizer, group, metric: str, keep_for_backward: frozenset = frozenset(),
+                 check_selections: bool = True):
         self.opt = optimizer
         self.keep_for_backward = keep_for_backward
         """ids of the weights whose gathered rows are kept from forward to backward (not
-        gathered again), where DeepSpeed would keep whole weights (reuse_distance_keeps)."""
+        gathered again), where DeepSpeed would keep whole weights (reuse_distance_keeps); with
+        activation recompute all of them (the kept rows are then held by the recomputation
+        only, for one layer's backward)."""
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.comm = Collectives(group)
         self.metric = metric
         self.comm_dtype = getattr(optimizer, "communication_data_type", None)
         self.accum_dtype = optimizer.gradient_accumulation_dtype
         self.scoring_route = "auto"
         """auto: the cheaper of "tokens" and "weights" (below) per scoring; tests force one."""
+        self.check_selections = check_selections
+        """Compare a checksum of every new selection over the DP group (one 16-byte all-reduce
+        per product and step, folded into the layout's one host read): a replica that chose
+        other rows would make the collectives' sizes disagree, which NCCL does not check."""
         self.bytes_moved = {k: 0 for k in PHASES}
         """Bytes each rank sends (ring algorithms: all-gather and reduce-scatter (q-1)/q of the
         full buffer, all-reduce twice that), accumulated since the last reset."""
+        self._static: dict = {}  # (id(p), tag) -> _Layout of rows fixed for the run
+        self._dynamic: dict = {}  # id(p) -> (selection, _Layout) of the latest selection
+        self._gathers: dict = {}  # id(p) -> _Gather in flight (prefetched)
+        self._reduces: list = []  # _Reduce in flight, oldest first
+        self._order: list = []  # [(p, peek, layer)] SAT products in forward order
+        self._position: dict = {}  # id(p) -> index in _order
+        self._used: dict = {}  # id(p) -> _Layout of p's latest forward
+
+    def register_order(self, products: list) -> None:
+        """products: [(p, peek, layer)] in the order the forward uses them; peek() -> (rows,
+        selection) of p this micro-batch when already settled, else UNSETTLED. Lets gathers run
+        ahead."""
+        self._order = list(products)
+        self._position = {id(p): i for i, (p, _, _) in enumerate(self._order)}
 
     # ------------------------------------------------------------------ layout
 
-    def layout(self, p: torch.nn.Parameter, rows: Optional[torch.Tensor]) -> "_Layout":
-        """Where rows `rows` (sorted, on the host; None: all) of p lie in the DP partitions.
-        Made once per product: its forward gather, backward gather and reduce share it."""
+    def _layout(self, p: torch.nn.Parameter, rows: Optional[torch.Tensor], selection=None) -> "_Layout":
+        """Where rows `rows` (sorted; None: all) of p lie in the DP partitions. Rows on the host
+        are a layout fixed for the run (cached by `selection`, a tag); rows on the device are a
+        selection's (cached while `selection`, the selection's own tensor, is current)."""
+        if rows is None or isinstance(selection, str) or rows.numel() == 0:
+            key = (id(p), selection if isinstance(selection, str) else "all")
+            lay = self._static.get(key) if rows is None or isinstance(selection, str) else None
+            if lay is None:
+                lay = self._host_layout(p, rows)
+                if rows is None or isinstance(selection, str):
+                    self._static[key] = lay
+            return lay
+        if selection is None:
+            return self._device_layout(p, rows)  # not cached: nothing says when it changes
+        cached = self._dynamic.get(id(p))
+        if cached is not None and cached[0] is selection:
+            return cached[1]
+        lay = self._device_layout(p, rows)
+        self._dynamic[id(p)] = (selection, lay)
+        return lay
+
+    def _host_layout(self, p: torch.nn.Parameter, rows: Optional[torch.Tensor]) -> "_Layout":
         R, h = p.ds_shape
-        rows = torch.arange(R) if rows is None else rows
+        rows = torch.arange(R) if rows is None else rows.cpu()
         numel, n = R * h, p.partition_numel()
         starts = rows * h
         ends = starts + h
@@ -90,16 +169,70 @@ class RowSparseZero:
         inside = full < rows.numel()
         partial[inside] = (bounds[inside] - starts[full[inside]]).clamp_min(0)
         before = full * h + partial
-        counts = (before[1:] - before[:-1]).tolist()
-        lo, hi = int(bounds[self.rank]), int(bounds[self.rank + 1])
-        a = int(torch.searchsorted(ends, torch.tensor(lo), right=True))
-        b = int(torch.searchsorted(starts, torch.tensor(hi), right=False))
-        mine = rows[a:b]  # the rows this rank holds (some of) elements of
+        a = int(full[self.rank])
+        b = int(torch.searchsorted(starts, bounds[self.rank + 1], right=False))
+        first = int(rows[a]) if b > a else -1
+        last = int(rows[b - 1]) if b > a else -1
+        dev = p.ds_tensor.device
+        return self._finish_layout(p, (before[1:] - before[:-1]).tolist(), a, b, first, last,
+                                   (rows[a:b] - int(bounds[self.rank]) // h).to(dev), before.to(dev), rows.numel())
+
+    def _device_layout(self, p: torch.nn.Parameter, rows: torch.Tensor) -> "_Layout":
+        """As _host_layout for rows on the device, with one host read for the whole layout."""
+        R, h = p.ds_shape
+        numel, n, k = R * h, p.partition_numel(), rows.numel()
+        dev = rows.device
+        bounds = (torch.arange(self.world + 1, device=dev, dtype=torch.int64) * n).clamp_max(numel)
+        starts = rows * h
+        ends = starts + h
+        full = torch.searchsorted(ends, bounds, right=True)
+        partial = (bounds - starts[full.clamp_max(k - 1)]).clamp_min(0) * (full < k)
+        before = full * h + partial  # [world + 1]
+        a = full[self.rank: self.rank + 1]
+        b = torch.searchsorted(starts, bounds[self.rank + 1: self.rank + 2], right=False)
+        first = rows[a.clamp_max(k - 1)]
+        last = rows[(b - 1).clamp(0, k - 1)]
+        packed = [before[1:] - before[:-1], a, b, first, last]
+        if self.check_selections and self.world > 1:
+            # position-weighted sum of the rows, and its negation: MAX over the group of both
+            # equals (s, -s) only if every replica holds the same sum
+            pos = torch.arange(1, k + 1, device=dev, dtype=torch.int64)
+            s = ((rows + 1) * pos).sum().remainder(2 ** 40).view(1)
+            check = torch.cat((s, -s, torch.tensor([k, -k], device=dev, dtype=torch.int64)))
+            self.comm.all_reduce(check, op=dist.ReduceOp.MAX)
+            packed.append(check)
+        host = torch.cat(packed).tolist()  # the one host read of this selection's layout
+        w = self.world
+        counts, (ai, bi, fi, li) = host[:w], host[w: w + 4]
+        if self.check_selections and self.world > 1:
+            s_max, neg_min, k_max, negk_min = host[w + 4: w + 8]
+            if s_max != -neg_min or k_max != -negk_min:
+                raise SatDistError(f"comm-sparse ZeRO-3: the data-parallel replicas selected different rows of a "
+                                   f"{R}x{h} weight (their scores or seeds differ); the collectives would "
+                                   f"disagree in size. Run with --sat-comm-sparse off and report this")
+        fi, li = (fi, li) if bi > ai else (-1, -1)
+        return self._finish_layout(p, counts, ai, bi, fi, li, rows[ai:bi] - min(self.rank * n, numel) // h,
+                                   before, k)
+
+    def _finish_layout(self, p, counts, a, b, first, last, idx, before, k) -> "_Layout":
+        R, h = p.ds_shape
+        numel, n = R * h, p.partition_numel()
+        lo, hi = min(self.rank * n, numel), min((self.rank + 1) * n, numel)
         row_lo = lo // h
         # elements of my rows outside my partition, at the head and the tail
-        head = lo - row_lo * h if mine.numel() and int(mine[0]) == row_lo else 0
-        tail = max(0, (int(mine[-1]) + 1) * h - hi) if mine.numel() else 0
-        return _Layout(counts, a, b, lo, hi, row_lo, head, tail, (mine - row_lo).to(p.ds_tensor.device))
+        head = lo - row_lo * h if b > a and first == row_lo else 0
+        tail = max(0, (last + 1) * h - hi) if b > a else 0
+        width = max(counts)
+        chunks = None
+        if self.world > 1 and any(c != width for c in counts):
+            g = math.gcd(n, h)
+            if g >= MIN_CHUNK:
+                # chunk c of the kept rows lies in the share of rank q (before[q] <= c*g <
+                # before[q+1]), at offset c*g - before[q] of that rank's padded slot
+                c = torch.arange(k * h // g, device=before.device, dtype=torch.int64)
+                q = torch.searchsorted(before[1:] // g, c, right=True)
+                chunks = (q * (width // g) + c - (before[:-1] // g)[q], g)
+        return _Layout(counts, width, a, b, lo, hi, row_lo, head, tail, idx, chunks)
 
     def _local_rows(self, p: torch.nn.Parameter, lay: "_Layout") -> torch.Tensor:
         """My partition as whole rows [rows touched, h] (zeros outside it where a row is split)."""
@@ -112,62 +245,129 @@ class RowSparseZero:
         buf[off: off + lay.hi - lay.lo] = part
         return buf.view(-1, h)
 
-    # ------------------------------------------------------------------ gather / reduce
+    # ------------------------------------------------------------------ gather
 
     @torch.no_grad()
-    def gather_rows(self, p: torch.nn.Parameter, lay: "_Layout", phase: str) -> torch.Tensor:
-        """The rows of `lay` of p, [k, h] in p's dtype, on every DP rank. Collective."""
-        h = p.ds_shape[1]
-        width = max(lay.counts)
+    def _start_gather(self, p: torch.nn.Parameter, lay: "_Layout", phase: str) -> "_Gather":
         mine = self._local_rows(p, lay).index_select(0, lay.idx)  # [my rows, h]
         if self.world == 1:
-            return mine
+            return _Gather(None, mine, lay, phase)
         send = mine.reshape(-1)[lay.head: mine.numel() - lay.tail]  # this rank's share
-        if send.numel() < width:  # padded to the fullest rank's share
-            send = torch.cat((send, send.new_zeros(width - send.numel())))
-        recv = send.new_empty(self.world * width)
-        dist.all_gather_into_tensor(recv, send.contiguous(), group=self.group)
-        self.bytes_moved[phase] += (self.world - 1) * width * recv.element_size()
-        if all(c == width for c in lay.counts):
+        if send.numel() < lay.width:  # padded to the fullest rank's share
+            send = F.pad(send, (0, lay.width - send.numel()))
+        recv = send.new_empty(self.world * lay.width)
+        work = self.comm.all_gather(recv, send.contiguous(), phase)
+        self.bytes_moved[phase] += (self.world - 1) * lay.width * recv.element_size()
+        return _Gather(work, recv, lay, phase)
+
+    def _finish_gather(self, g: "_Gather", h: int) -> torch.Tensor:
+        if g.work is None:
+            return g.buf
+        g.work.wait()
+        lay, recv = g.lay, g.buf
+        if all(c == lay.width for c in lay.counts):
             return recv.view(-1, h)
-        return torch.cat([recv[q * width: q * width + c] for q, c in enumerate(lay.counts)]).view(-1, h)
+        if lay.counts[-1] < lay.width and all(c == lay.width for c in lay.counts[:-1]):
+            return recv[: sum(lay.counts)].view(-1, h)  # only the last share is short (all rows)
+        if lay.chunks is not None:
+            index, size = lay.chunks
+            return recv.view(-1, size).index_select(0, index).view(-1, h)
+        return torch.cat([recv[q * lay.width: q * lay.width + c] for q, c in enumerate(lay.counts)]).view(-1, h)
+
+    def start_rows(self, p: torch.nn.Parameter, lay: "_Layout", phase: str) -> "_Gather":
+        """The gather of the rows of `lay` of p: the one prefetched, or started now."""
+        pending = self._gathers.pop(id(p), None)
+        if pending is not None and (pending.lay is not lay or pending.phase != phase):
+            self._finish_gather(pending, p.ds_shape[1])  # issued for other rows: drained, unused
+            pending = None
+        return pending or self._start_gather(p, lay, phase)
+
+    def gather_rows(self, p: torch.nn.Parameter, lay: "_Layout", phase: str) -> torch.Tensor:
+        """The rows of `lay` of p, [k, h] in p's dtype, on every DP rank. Collective."""
+        return self._finish_gather(self.start_rows(p, lay, phase), p.ds_shape[1])
+
+    def _prefetch(self, p: torch.nn.Parameter, step: int, phase: str) -> None:
+        """Start gathering the product `step` places after p in forward order (-1: before),
+        if its rows are settled and it will gather in `phase`."""
+        i = self._position.get(id(p))
+        if i is None or not 0 <= i + step < len(self._order):
+            return
+        q, peek, layer = self._order[i + step]
+        if id(q) in self._gathers or (phase == "backward_gather" and id(q) in self.keep_for_backward):
+            return
+        if phase == "backward_gather":
+            lay = self._used.get(id(q))  # the rows its forward used this micro-batch
+            if lay is None:
+                return
+        else:
+            if torch._C._current_graph_task_id() != -1 and layer != self._order[i][2]:
+                return  # an activation recompute inside the backward: the next layer's ran already
+
+            settled = peek()
+            if settled is UNSETTLED:
+                return
+            rows, selection = settled
+            lay = self._layout(q, rows, selection)
+        self._gathers[id(q)] = self._start_gather(q, lay, phase)
+
+    # ------------------------------------------------------------------ reduce
 
     @torch.no_grad()
     def reduce_rows(self, p: torch.nn.Parameter, lay: "_Layout", grad: torch.Tensor) -> None:
         """Average the gradient grad [k, h] of the rows of `lay` over DP and add each rank's
-        share to DeepSpeed's gradient partition of p (zeros for the other rows). Collective;
-        `grad` is consumed (scaled in place)."""
-        h = p.ds_shape[1]
+        share to DeepSpeed's gradient partition of p (zeros for the other rows). Collective,
+        asynchronous: the write happens when the reduce is waited for (at the latest in
+        finish_backward). `grad` is consumed (scaled in place)."""
         flat = grad.reshape(-1)
         dtype = self.comm_dtype or flat.dtype
         flat = flat.to(dtype) if flat.dtype != dtype else flat
         flat.div_(self.world)  # pre-divided, as DeepSpeed's reduce_scatter_coalesced
-        width = max(lay.counts)
-        if self.world > 1:
-            if all(c == width for c in lay.counts):
-                send = flat
+        if self.world == 1:
+            self._write_share(p, lay, flat)
+            return
+        width = lay.width
+        if all(c == width for c in lay.counts):
+            send = flat
+        else:
+            send = flat.new_zeros(self.world * width)
+            if lay.chunks is not None:
+                index, size = lay.chunks
+                send.view(-1, size).index_copy_(0, index, flat.view(-1, size))
             else:
-                send = flat.new_zeros(self.world * width)
                 offset = 0
                 for q, c in enumerate(lay.counts):
                     send[q * width: q * width + c] = flat[offset: offset + c]
                     offset += c
-            del flat
-            share = send.new_empty(width)
-            dist.reduce_scatter_tensor(share, send.contiguous(), group=self.group)
-            del send
-            self.bytes_moved["grad_reduce"] += (self.world - 1) * width * share.element_size()
-            share = share[: lay.counts[self.rank]]
-        else:
-            share = flat
+        share = send.new_empty(width)
+        work = self.comm.reduce_scatter(share, send.contiguous(), "grad_reduce")
+        self.bytes_moved["grad_reduce"] += (self.world - 1) * width * share.element_size()
+        self._reduces.append(_Reduce(work, p, lay, share, send))
+        while len(self._reduces) > REDUCE_WINDOW:
+            self._finish_reduce(self._reduces.pop(0))
+
+    def _finish_reduce(self, r: "_Reduce") -> None:
+        r.work.wait()
+        self._write_share(r.p, r.lay, r.share[: r.lay.counts[self.rank]])
+
+    def finish_backward(self) -> None:
+        """Wait for every reduce in flight and write its share (the engine calls this after
+        each backward, before DeepSpeed's step reads the gradient partitions)."""
+        while self._reduces:
+            self._finish_reduce(self._reduces.pop(0))
+        for g in list(self._gathers.values()):  # prefetched for a product that did not run
+            g.work is not None and g.work.wait()
+        self._gathers.clear()
+
+    def _write_share(self, p: torch.nn.Parameter, lay: "_Layout", share: torch.Tensor) -> None:
         if lay.hi <= lay.lo:
             return  # this rank's partition of p is all padding
+        h = p.ds_shape[1]
         part = torch.zeros(p.partition_numel(), dtype=self.accum_dtype, device=p.ds_tensor.device)
-        if lay.idx.numel():
+        if lay.b > lay.a:
             if lay.aligned(h):
                 part[: lay.hi - lay.lo].view(-1, h).index_copy_(0, lay.idx, share.view(-1, h).to(part.dtype))
             else:
-                placed = share.new_zeros(lay.idx.numel() * h)
+                placed = share.new_zeros((lay.b - lay.a) * h)
                 placed[lay.head: placed.numel() - lay.tail] = share
                 whole = part.new_zeros(lay.touched_rows(h) * h)
                 whole.view(-1, h).index_copy_(0, lay.idx, placed.view(-1, h).to(part.dtype))
@@ -185,24 +385,24 @@ class RowSparseZero:
         if self.world == 1:
             return xs
         out = xs.new_empty(self.world * xs.shape[0], xs.shape[1])
-        dist.all_gather_into_tensor(out, xs, group=self.group)
+        self.comm.all_gather(out, xs, "scoring").wait()
         self.bytes_moved["scoring"] += (self.world - 1) * xs.numel() * xs.element_size()
         return out
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
-            dist.all_reduce(t, group=self.group)
+            self.comm.all_reduce(t)
             self.bytes_moved["scoring"] += 2 * (self.world - 1) * t.numel() * t.element_size() // self.world
         return t
 
     @torch.no_grad()
-    def _row_products(self, p: torch.nn.Parameter, rows: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    def _row_products(self, p: torch.nn.Parameter, rows: torch.Tensor, tag: str, xs: torch.Tensor) -> torch.Tensor:
         """xs @ W[rows]^T in fp32, [tokens, len(rows)]: partial products over each rank's
-        partition, summed by one all-reduce. rows sorted (CPU)."""
-        lay = self.layout(p, rows)
+        partition, summed by one all-reduce. rows: sorted, on the host, fixed for the run (tag)."""
+        lay = self._layout(p, rows, tag)
         out = torch.zeros(xs.shape[0], rows.numel(), dtype=torch.float32, device=xs.device)
         if lay.b > lay.a:
-            local = _select(self._local_rows(p, lay), rows[lay.a:lay.b] - lay.row_lo)
+            local = self._local_rows(p, lay).index_select(0, lay.idx)
             out[:, lay.a:lay.b] = xs.float() @ local.float().t()
         return self._all_reduce(out)
 
@@ -210,14 +410,14 @@ class RowSparseZero:
     def _row_norms(self, p: torch.nn.Parameter, units: int) -> torch.Tensor:
         """L2 norm of each unit's rows (p viewed as [units, rows per unit, h]), fp32 [units]."""
         R = p.ds_shape[0]
-        lay = self.layout(p, None)
+        lay = self._layout(p, None)
         sq = torch.zeros(R, dtype=torch.float32, device=p.ds_tensor.device)
         if lay.b > lay.a:
             sq[lay.a:lay.b] = torch.linalg.vector_norm(self._local_rows(p, lay), dim=1, dtype=torch.float32).pow(2)
         return self._all_reduce(sq).view(units, -1).sum(1).sqrt()
 
     def _whole(self, p: torch.nn.Parameter) -> torch.Tensor:
-        return self.gather_rows(p, self.layout(p, None), "scoring")
+        return self.gather_rows(p, self._layout(p, None), "scoring")
 
     def _tokens_route(self, x: torch.Tensor, token_stride: int, rows: int, h: int, weight_bytes: int) -> bool:
         """Whether scoring moves fewer bytes by gathering the scored tokens (and all-reducing
@@ -241,7 +441,7 @@ class RowSparseZero:
             return mlp_scores(self.metric, x, self._whole(fc1), self._whole(fc2), reduce, generator, token_stride)
         if self._tokens_route(x, token_stride, 2 * f, h, fc1.ds_tensor.element_size()):
             xs = self._gather_tokens(x, token_stride)  # every rank's scored tokens
-            z = self._row_products(fc1, torch.arange(2 * f), xs)  # [tokens, 2f]: gate, up pre-activations
+            z = self._row_products(fc1, torch.arange(2 * f), "all", xs)  # [tokens, 2f]: gate, up pre-activations
             reduce = no_reduce
         else:
             xs = x.reshape(-1, h)[::token_stride]  # this rank's scored tokens
@@ -263,40 +463,34 @@ class RowSparseZero:
         v_rows = (torch.arange(G)[:, None] * (r + 2) * d + (r + 1) * d + torch.arange(d)).reshape(-1)
         if self._tokens_route(x, token_stride, G * d, h, qkv.ds_tensor.element_size()):
             xs = self._gather_tokens(x, token_stride)
-            values = self._row_products(qkv, v_rows, xs)  # [tokens, G*d]
+            values = self._row_products(qkv, v_rows, "values", xs)  # [tokens, G*d]
             reduce = no_reduce
         else:
             xs = x.reshape(-1, h)[::token_stride]
-            values = xs.float() @ self.gather_rows(qkv, self.layout(qkv, v_rows), "scoring").float().t()
+            values = xs.float() @ self.gather_rows(qkv, self._layout(qkv, v_rows, "values"), "scoring").float().t()
         return attention_scores(self.metric, xs, None, None, r, d, reduce, generator, 1,
                                 values=values, out_norms=self._row_norms(proj, G))
 
     # ------------------------------------------------------------------ products
 
     def linear(self, x: torch.Tensor, p: torch.nn.Parameter, rows: Optional[torch.Tensor],
-               kept_in: bool = False, sampler=None) -> torch.Tensor:
+               kept_in: bool = False, sampler=None, selection: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x @ W[rows]^T (kept_in=False: the rows are output features) or x @ W[rows]
-        (kept_in=True: x holds only the kept input features); rows: sorted (SAT's selections
-        are), None: all. sampler: a TokenSampler (the weight gradient from the tokens it
-        draws) or None."""
-        # The shares are computed once per product, on the host (one transfer of the row
-        # indices); forward gather, backward gather and reduce share them.
-        lay = self.layout(p, None if rows is None else rows.cpu())
+        (kept_in=True: x holds only the kept input features); rows: sorted, on the weight's
+        device (SAT's selections are), None: all. selection: the step's selection tensor the
+        rows come from (its layout is cached while it is current). sampler: a TokenSampler
+        (the weight gradient from the tokens it draws) or None."""
+        lay = self._used[id(p)] = self._layout(p, rows, selection)
         return _RowSparseLinear.apply(x, _Ref(p), self, lay, kept_in, sampler)
 
 
-def _select(rows_view: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """rows_view[idx] (idx sorted, CPU): a view when idx is one contiguous run, else a copy."""
-    if idx.numel() and int(idx[-1]) - int(idx[0]) + 1 == idx.numel():
-        return rows_view.narrow(0, int(idx[0]), idx.numel())
-    return rows_view.index_select(0, idx.to(rows_view.device))
-
-
 class _Layout(NamedTuple):
-    """Where a product's rows lie in the DP partitions of its weight (RowSparseZero.layout)."""
+    """Where a product's rows lie in the DP partitions of its weight (RowSparseZero._layout)."""
 
     counts: list
     """Elements of the rows in each rank's partition (every share is padded to the largest)."""
+    width: int
+    """max(counts): the size of each rank's slot in the collectives."""
     a: int
     """rows[a:b] are the rows this rank holds elements of."""
     b: int
@@ -311,6 +505,9 @@ class _Layout(NamedTuple):
     """Elements of the last of my rows from hi on (a row split with the rank after)."""
     idx: torch.Tensor
     """rows[a:b] - row_lo, on the weight's device."""
+    chunks: Optional[tuple]
+    """(index, g): for uneven shares, where each g-element chunk of the kept rows lies in the
+    padded [world * width] buffer (None: even shares, or chunks too small to index)."""
 
     def aligned(self, h: int) -> bool:
         """The partition starts and ends on row boundaries."""
@@ -318,6 +515,21 @@ class _Layout(NamedTuple):
 
     def touched_rows(self, h: int) -> int:
         return -(-(self.hi - self.row_lo * h) // h)
+
+
+class _Gather(NamedTuple):
+    work: object  # the collective's handle (None: nothing to wait for)
+    buf: torch.Tensor  # [world * width] the padded shares (or, at DP 1, the rows)
+    lay: _Layout
+    phase: str
+
+
+class _Reduce(NamedTuple):
+    work: object
+    p: torch.nn.Parameter
+    lay: _Layout
+    share: torch.Tensor  # [width] this rank's reduced share, once done
+    send: torch.Tensor  # held until done: the collective reads it
 
 
 class _Ref:
@@ -331,7 +543,9 @@ class _Ref:
 class _RowSparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ref, zero, lay, kept_in, sampler):
-        w = zero.gather_rows(ref.p, lay, "forward_gather")  # [k, h]
+        g = zero.start_rows(ref.p, lay, "forward_gather")
+        zero._prefetch(ref.p, 1, "forward_gather")  # the next product's rows, while this one waits and computes
+        w = zero._finish_gather(g, ref.p.ds_shape[1])  # [k, h]
         # The gathered rows are kept for backward only where ZeRO-3 would keep the whole
         # weight; otherwise they are gathered again, as ZeRO-3 does.
         keep = id(ref.p) in zero.keep_for_backward
@@ -343,8 +557,10 @@ class _RowSparseLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w = ctx.saved_tensors
         zero, p, lay = ctx.zero, ctx.ref.p, ctx.lay
-        if w is None:
-            w = zero.gather_rows(p, lay, "backward_gather")
+        g = zero.start_rows(p, lay, "backward_gather") if w is None else None
+        zero._prefetch(p, -1, "backward_gather")  # the product whose backward comes next
+        if g is not None:
+            w = zero._finish_gather(g, p.ds_shape[1])
         # [T, in], [T, out]: all tokens, or the drawn ones (--sat-wgrad-tokens)
         x2, g2 = weight_grad_operands(x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1]),
                                       ctx.sampler)

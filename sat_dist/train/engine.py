@@ -117,6 +117,8 @@ class Engine:
     sat: SATState
     ds_config: dict
     grad_accum: int
+    row_zero: Optional[RowSparseZero] = None
+    """Comm-sparse ZeRO-3 of SAT's weights, or None (DeepSpeed gathers and reduces them whole)."""
 
     @property
     def stage3(self) -> bool:
@@ -132,6 +134,8 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the micro-batch's gradient (DeepSpeed scales it by 1 / grad_accum)."""
         self.engine.backward(loss)
+        if self.row_zero is not None:  # comm-sparse's reduces still in flight
+            self.row_zero.finish_backward()
 
     def step(self) -> None:
         """DeepSpeed's step: the optimizer and LR schedule step at the accumulation boundary."""
@@ -210,9 +214,15 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     if row_sparse:
         sat_weights = [[layer.self_attention.qkv_weight, layer.self_attention.proj_weight, layer.mlp.fc1_weight,
                         layer.mlp.fc2_weight] for layer in model.layers]
-        keep = reuse_distance_keeps(sat_weights, model.output_layer.weight.ds_numel, ds)
-        use_row_sparse_zero(model, RowSparseZero(engine.optimizer, comm.dp_group, sat_cfg.metric, keep))
-    return Engine(engine, model, sat, ds, ds["gradient_accumulation_steps"])
+        # Under activation recompute the forward's saved rows are dropped and the recomputed
+        # forward's kept for the backward: two gathers per micro-batch, as DeepSpeed's.
+        keep = frozenset(id(p) for ps in sat_weights for p in ps) if t.recompute_activations else \
+            reuse_distance_keeps(sat_weights, model.output_layer.weight.ds_numel, ds)
+        row_zero = RowSparseZero(engine.optimizer, comm.dp_group, sat_cfg.metric, keep)
+        use_row_sparse_zero(model, row_zero)
+    else:
+        row_zero = None
+    return Engine(engine, model, sat, ds, ds["gradient_accumulation_steps"], row_zero)
 
 
 def comm_sparse_wanted(mode: str, sat_cfg: SATConfig, ds: dict, dp_size: int) -> bool:
@@ -246,6 +256,8 @@ def use_row_sparse_zero(model: LlamaModel, zero: RowSparseZero) -> None:
     for layer in model.layers:
         layer.self_attention.use_row_zero(zero)
         layer.mlp.use_row_zero(zero)
+    zero.register_order([prod for layer in model.layers
+                         for prod in layer.self_attention.row_products() + layer.mlp.row_products()])
 
 
 def optimizer_param_groups(model: LlamaModel) -> list[dict]:
