@@ -36,8 +36,9 @@ def test_every_shipped_config_is_covered():
 def test_shipped_config_trains_like_one_process(corpus, one_process, tmp_path, name):
     ds = json.loads((REPO / "configs" / name).read_text())
     world, over = 2, {}
-    if ds["zero_optimization"].get("zero_hpz_partition_size", 1) > 1:
-        # 8 GPUs per node in the file; here the node is 4 ranks at TP 2: 2 DP replicas per group
+    if ds["zero_optimization"].get("zero_hpz_partition_size", 1) != 1:
+        # "auto" in the file turns it off on one node; forced on here: 4 ranks at TP 2, 2 DP
+        # replicas per group
         ds["zero_optimization"]["zero_hpz_partition_size"] = 2
         world, over = 4, {"tensor-model-parallel-size": 2}
     path = tmp_path / name
@@ -60,8 +61,27 @@ def test_shipped_config_trains_like_one_process(corpus, one_process, tmp_path, n
         assert scalars(tb2, "lm loss")[3] == got[3]
 
 
+@pytest.mark.parametrize("env,tp,dp,size", [({"LOCAL_WORLD_SIZE": "8"}, 1, 64, 8),  # torchrun, 8 nodes
+                                             ({"LOCAL_SIZE": "8"}, 2, 32, 4),  # deepspeed, TP 2
+                                             ({"SLURM_TASKS_PER_NODE": "8(x4)"}, 4, 8, 2),  # srun
+                                             ({"LOCAL_WORLD_SIZE": "8"}, 1, 8, 1),  # one node: off
+                                             ({"LOCAL_WORLD_SIZE": "6"}, 1, 16, 2)])  # 6 per node: gcd
+def test_hpz_auto_is_the_dp_replicas_per_node(monkeypatch, env, tp, dp, size):
+    from sat_dist.config import TrainConfig
+    from sat_dist.train.engine import fill_ds_config
+
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ds = json.loads((REPO / "configs" / "ds_zero3_hpz.json").read_text())
+    t = TrainConfig(micro_batch_size=1, global_batch_size=dp, tensor_model_parallel_size=tp)
+    assert fill_ds_config(ds, t, dp, "x")["zero_optimization"]["zero_hpz_partition_size"] == size
+
+
 def test_hpz_partition_size_must_divide_the_dp_size(corpus, tmp_path):
-    ds = json.loads((REPO / "configs" / "ds_zero3_hpz.json").read_text())  # 8 at DP 2
+    ds = json.loads((REPO / "configs" / "ds_zero3_hpz.json").read_text())
+    ds["zero_optimization"]["zero_hpz_partition_size"] = 8  # at DP 2
     path = tmp_path / "hpz8.json"
     path.write_text(json.dumps(ds))
     r = torchrun(2, _dense(corpus, tmp_path / "tb", path), check=False)

@@ -75,7 +75,7 @@ def test_7b_srun_plan_on_four_nodes(tmp_path, empty_path):
     assert p.launcher[-1] == "python"
     assert p.srun[len(p.launcher)] == str(REPO / "launch" / "pretrain.py")
     expect = {"--model-config": "llama2-7b", "--hf-checkpoint": "/models/Llama-2-hf",
-              "--tensor-model-parallel-size": "1", "--ds_config": str(REPO / "configs" / "ds_zero3.json"),
+              "--tensor-model-parallel-size": "1", "--ds_config": str(REPO / "configs" / "ds_zero1.json"),
               "--seq-length": "4096", "--micro-batch-size": "1", "--global-batch-size": "1024",
               "--lr": "3e-5", "--min-lr": "3e-6", "--data-path": "/data/corpus_text_document",
               "--save": str(tmp_path / "run" / "checkpoints"),

@@ -604,4 +604,9 @@ def unsupported_reason(sat_cfg, ds: dict) -> Optional[str]:
         return "parameters are offloaded (offload_param): their partitions are not in device memory"
     if (z.get("zero_quantized_weights") or z.get("zero_quantized_gradients")):
         return "ZeRO++ quantized weights or gradients are on"
+    if z.get("zero_hpz_partition_size", 1) not in (1, None):
+        # Its kept-row gathers read the primary partitions over the whole DP group: the
+        # backward's would cross nodes where DeepSpeed's stay on the node's secondary copy.
+        return (f"ZeRO++ hierarchical partitioning is on (zero_hpz_partition_size "
+                f"{z['zero_hpz_partition_size']}), whose in-node backward gathers comm-sparse would bypass")
     return None

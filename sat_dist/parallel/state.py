@@ -7,6 +7,7 @@ group; ranks with the same TP rank across those groups form a data-parallel grou
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from datetime import timedelta
 
@@ -55,6 +56,25 @@ def launch_world_size() -> int:
     """The number of processes launched (WORLD_SIZE from torchrun or deepspeed, SLURM_NTASKS
     from srun, 1 without a launcher), read before any process group exists."""
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def ranks_per_node() -> int:
+    """Processes launched on this node, read before any process group exists: LOCAL_WORLD_SIZE
+    (torchrun), LOCAL_SIZE (deepspeed), SLURM_NTASKS_PER_NODE or SLURM_TASKS_PER_NODE ("8(x4)"
+    from srun), else the world size (one node)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        value = os.environ.get(key, "").split("(")[0].split(",")[0]
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return launch_world_size()
+
+
+def hpz_size_for_layout(per_node: int, tp_size: int, dp_size: int) -> int:
+    """zero_hpz_partition_size "auto": the DP replicas of one TP partition on a node
+    (per_node / TP), so that the backward's gathers stay inside the node; 1 (off) where the
+    whole DP group is on one node, where the second partition would only cost memory."""
+    size = math.gcd(max(1, per_node // tp_size), dp_size)
+    return 1 if size >= dp_size else size
 
 
 def data_parallel_size(world: int, tp_size: int) -> int:
