@@ -1,6 +1,6 @@
 """The package's layers: no module imports (at the top or inside a function) from a layer
 above its own. Lowest first: config -> sat -> model -> parallel -> checkpoint -> train ->
-launch (errors and faults are below everything; data sits beside sat)."""
+launch (errors and faults are below everything; data sits beside sat, eval beside checkpoint)."""
 
 import ast
 from pathlib import Path
@@ -8,7 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 LEVEL = {"sat_dist.errors": 0, "sat_dist.faults": 0, "sat_dist.config": 1, "sat_dist.data": 2, "sat_dist.sat": 2,
-         "sat_dist.model": 4, "sat_dist.parallel": 5, "sat_dist.checkpoint": 6, "sat_dist.train": 7}
+         "sat_dist.model": 4, "sat_dist.parallel": 5, "sat_dist.checkpoint": 6, "sat_dist.eval": 6, "sat_dist.train": 7}
 
 
 def _level(module: str) -> int:
