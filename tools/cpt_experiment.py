@@ -151,6 +151,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
                    "every 5 steps", wg("0.25", "--sat-wgrad-tokens-head", "0.25", "--sat-budget", "1.0",
                                        "--sat-budget-interval", "5")),
     "dense-seed2": ("dense, seed 4321 (data order)", ["--sat-schedule", "dense", "--seed", "4321"]),
+    "wg-0.25-seed2": ("as wg-0.25, seed 4321 (data order, held-out samples and token draws)",
+                      wg("0.25", "--seed", "4321")),
     "wg-cal-0.25-seed2": ("as wg-cal-0.25, seed 4321 (data order and token draws)",
                           wg("0.25", "--sat-wgrad-tokens-linears", CAL_025, "--sat-wgrad-tokens-head", "0.07",
                              "--seed", "4321")),
