@@ -554,9 +554,11 @@ class TrainConfig:
     """Comm-sparse ZeRO-3 for SAT's weights: gather and reduce only the kept rows of the
     attention and MLP weights over the data-parallel group (docs/SAT.md). on: required (an
     error where it cannot run); off: DeepSpeed gathers and reduces them whole; auto: on
-    wherever it can run (ZeRO-3, SAT on, --sat-sparse-pass both, no compensation, no
-    parameter offload) at a data-parallel size above 1 (one rank sends nothing). An
-    execution choice, not part of the run definition."""
+    where it can run (ZeRO-3, SAT on, --sat-sparse-pass both, no compensation, no
+    parameter offload, no hpZ) at a data-parallel size above 1 (one rank sends nothing) and
+    the bytes model predicts SAT's weights move at most 0.75 of the whole-weight bytes at
+    the full omission rates (sat_dist.parallel.zero_bytes.AUTO_MAX_RATIO; not yet timed on
+    a GPU). An execution choice, not part of the run definition."""
     max_nonfinite_steps: int = 5
     """Stop after this many non-finite (NaN/Inf) steps in a row; each one is skipped."""
     exit_interval: int = 0

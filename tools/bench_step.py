@@ -81,7 +81,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="--sat-sparse-pass of sat_dist (both, backward, weight-grad)")
     p.add_argument("--sat-token-stride", type=int, default=None, help="--sat-token-stride of sat_dist")
     p.add_argument("--sat-comm-sparse", choices=["auto", "on", "off"], default="auto",
-                   help="--sat-comm-sparse of sat_dist (comm-sparse ZeRO-3 for SAT's weights)")
+                   help="--sat-comm-sparse of sat_dist (comm-sparse ZeRO-3 for SAT's weights). auto decides once, "
+                        "on the SAT config's own rates (0, 0.1), not on --omissions: give on or off to measure one")
     p.add_argument("--sat-omission-mlp-layers", default=None,
                    help="--sat-omission-mlp-layers of sat_dist: one MLP rate per layer; an --omissions MLP rate m "
                         "then runs every layer at its own rate times m / (the rates' mean), with the keep counts "
@@ -191,7 +192,9 @@ def summary(report: dict) -> str:
             if r.get("sat_weight_bytes_per_rank") and any(r["sat_weight_bytes_per_rank"].values())]
     if rows:
         lines += ["", "SAT weights through comm-sparse ZeRO-3, MB per rank per step: measured (its own counters) "
-                  "vs the arithmetic (sat_dist/parallel/zero_bytes.py; mean shares, no padding):",
+                  "vs the arithmetic (sat_dist/parallel/zero_bytes.py; shares padded to the fullest rank's, "
+                  "its expectation for a uniformly random choice of the kept units: a real selection's padding "
+                  "differs by draw and by how its scores cluster):",
                   "| omission attn,mlp | forward gather | backward gather | gradient reduce | scoring |",
                   "| --- | --- | --- | --- | --- |"]
         for r in rows:
@@ -352,7 +355,8 @@ def worker(a) -> int:
             elt = 2 if a.dtype == "bf16" else 4
             regather = row_zero is None or len(row_zero.keep_for_backward) < 4 * cfg.num_layers
             model = step_bytes(cfg, comm.dp_size, comm.tp_size, a.micro_batch * a.seq, accum, ka, km,
-                               a.sat_token_stride or 8, w_bytes=elt, g_bytes=4, x_bytes=elt, regather=regather)
+                               a.sat_token_stride or 8, w_bytes=elt, g_bytes=4, x_bytes=elt, regather=regather,
+                               metric=a.sat_metric or SATConfig.metric)
             settings_out.append({"sat_weight_bytes_per_rank": row_bytes.get(s), "bytes_model_per_rank": model,
                                  "omission": list(s[:2]), "wgrad_keep": s[2], "wgrad_keep_head": s[3],
                                  "keep_fraction_attn": ka, "keep_fraction_mlp": km,

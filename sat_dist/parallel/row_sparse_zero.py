@@ -429,6 +429,7 @@ class RowSparseZero:
         tokens, weights = scoring_bytes(self.world, mine, rows, h, x.element_size(), weight_bytes)
         return tokens < weights
 
+    @torch.no_grad()  # scores steer the selection only; nothing of them is saved for backward
     def mlp_scores(self, x: torch.Tensor, fc1: torch.nn.Parameter, fc2: torch.nn.Parameter, reduce,
                    generator: torch.Generator, token_stride: int) -> torch.Tensor:
         """Scores [f] of the MLP channels of this TP partition, as mlp_scores over the global
@@ -450,6 +451,7 @@ class RowSparseZero:
         return mlp_scores(self.metric, xs, None, None, reduce, generator, 1, activations=a,
                           down_norms=self._row_norms(fc2, f))
 
+    @torch.no_grad()  # scores steer the selection only; nothing of them is saved for backward
     def attention_scores(self, x: torch.Tensor, qkv: torch.nn.Parameter, proj: torch.nn.Parameter, r: int, d: int,
                          reduce, generator: torch.Generator, token_stride: int) -> torch.Tensor:
         """Scores [G] of the attention units (KV groups) of this TP partition."""

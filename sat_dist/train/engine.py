@@ -21,7 +21,7 @@ from sat_dist.model.layout import layout_of
 from sat_dist.model.llama import LlamaModel
 from sat_dist.model.sat_state import SATState
 from sat_dist.parallel.row_sparse_zero import RowSparseZero, reuse_distance_keeps, unsupported_reason
-from sat_dist.parallel.state import MegatronMPU, hpz_partition_group
+from sat_dist.parallel.state import MegatronMPU, hpz_partition_group, hpz_size_for_layout, ranks_per_node
 from sat_dist.parallel.zero import init_fp32_masters, load_local_weights
 from sat_dist.train.lr import schedule_of
 
@@ -103,6 +103,9 @@ def fill_ds_config(ds: dict, t: TrainConfig, dp_size: int, where: str) -> dict:
         params.setdefault("fused", True)
     if params.get("torch_adam"):
         params.setdefault("adam_w_mode", True)
+    z = ds.get("zero_optimization", {})
+    if z.get("zero_hpz_partition_size") == "auto":
+        z["zero_hpz_partition_size"] = hpz_size_for_layout(ranks_per_node(), t.tensor_model_parallel_size, dp_size)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -175,7 +178,7 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     ds = ds_config if ds_config is not None else deepspeed_config(t, comm.dp_size)
     sat = SATState(sat_cfg if sat_cfg.enabled else None, comm)
     stage3 = zero_stage(ds) == 3
-    row_sparse = comm_sparse_wanted(t.sat_comm_sparse, sat_cfg, ds, comm.dp_size)
+    row_sparse = comm_sparse_wanted(t.sat_comm_sparse, sat_cfg, ds, model_cfg, t, comm.dp_size)
     # Same seed on every DP replica of a TP partition (ZeRO-3 keeps one rank's init); a
     # different one per TP rank so that shards are not copies of each other.
     torch.manual_seed(t.seed + 1009 * comm.tp_rank)
@@ -225,30 +228,76 @@ def build_engine(model_cfg: ModelConfig, sat_cfg: SATConfig, t: TrainConfig, com
     return Engine(engine, model, sat, ds, ds["gradient_accumulation_steps"], row_zero)
 
 
-def comm_sparse_wanted(mode: str, sat_cfg: SATConfig, ds: dict, dp_size: int) -> bool:
+def comm_sparse_wanted(mode: str, sat_cfg: SATConfig, ds: dict, model_cfg: ModelConfig, t: TrainConfig,
+                       dp_size: int) -> bool:
     """Whether --sat-comm-sparse MODE turns comm-sparse ZeRO-3 on for this run; "on" where it
-    cannot run is an error naming why."""
+    cannot run is an error naming why. "auto": on where it can run, DP > 1 and the bytes
+    model predicts at most zero_bytes.AUTO_MAX_RATIO (0.75) of the whole-weight path's bytes for
+    SAT's weights (why that line: its docstring)."""
     if mode == "off":
         return False
     reason = unsupported_reason(sat_cfg, ds)
     if reason is not None and mode == "on":
         raise SatDistError(f"--sat-comm-sparse on: cannot run because {reason}; use --sat-comm-sparse auto or off")
-    return reason is None and (mode == "on" or _auto_off_reason(dp_size) is None)
+    if reason is not None:
+        return False
+    from sat_dist.parallel.zero_bytes import AUTO_MAX_RATIO
+
+    return mode == "on" or (dp_size > 1 and _auto_prediction(sat_cfg, ds, model_cfg, t, dp_size)[0] <= AUTO_MAX_RATIO)
 
 
-def _auto_off_reason(dp_size: int) -> Optional[str]:
-    # One DP rank sends nothing: the kept-row bookkeeping would only cost (measured on
-    # SmolLM2-135M at one rank, docs/PERFORMANCE.md), so auto keeps DeepSpeed's path.
-    return "data-parallel size 1: no ZeRO traffic to thin" if dp_size == 1 else None
+def _auto_prediction(sat_cfg: SATConfig, ds: dict, model_cfg: ModelConfig, t: TrainConfig,
+                     dp_size: int) -> tuple[float, str]:
+    """(ratio, words): comm-sparse's bytes per optimizer step for SAT's weights (padded kept
+    rows, scoring) over the whole-weight path's, at the configured omission rates (a
+    ladder's highest) and their aligned keep counts, this run's micro-batch, accumulation,
+    dtypes and scoring metric; gathered again for backward unless ZeRO-3's reuse distance
+    keeps every layer's weights (reuse_distance_keeps' rule for the bottom layer)."""
+    from sat_dist.parallel.zero_bytes import sat_ratio, sat_rows, step_bytes
+    from sat_dist.sat.selection import keep_count
+
+    tp = t.tensor_model_parallel_size
+    groups, f = model_cfg.num_query_groups // tp, model_cfg.ffn_hidden_size // tp
+    keep_attn = keep_count(groups, sat_cfg.omission_attn, sat_cfg.align_attn, sat_cfg, "attn") / groups
+    keep_mlp = keep_count(f, sat_cfg.omission_mlp, sat_cfg.align_mlp, sat_cfg, "mlp") / f
+    z = ds.get("zero_optimization", {})
+    layer = sum(sat_rows(model_cfg, tp).values()) * model_cfg.hidden_size
+    head = model_cfg.padded_vocab_size(tp) // tp * model_cfg.hidden_size
+    regather = t.recompute_activations or \
+        2 * (model_cfg.num_layers - 1) * layer + head >= z.get("stage3_max_reuse_distance", 1_000_000_000)
+    w_bytes = 2 if t.bf16 else 4
+    g_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}.get(ds.get("communication_data_type"), w_bytes)
+    b = step_bytes(model_cfg, dp_size, tp, t.micro_batch_size * t.seq_length, ds["gradient_accumulation_steps"],
+                   keep_attn, keep_mlp, sat_cfg.token_stride, w_bytes=w_bytes, g_bytes=g_bytes, x_bytes=w_bytes,
+                   regather=regather, metric=sat_cfg.metric)
+    ratio = sat_ratio(b)
+    return ratio, (f"predicted {ratio:.3f} of the whole-weight bytes for SAT's weights at DP {dp_size}, "
+                   f"omission {sat_cfg.omission_attn:g},{sat_cfg.omission_mlp:g}")
 
 
-def comm_sparse_line(mode: str, sat_cfg: SATConfig, ds: dict, dp_size: int) -> str:
-    """The start-up log line saying whether comm-sparse ZeRO-3 is on, and why not."""
+def comm_sparse_line(mode: str, sat_cfg: SATConfig, ds: dict, model_cfg: ModelConfig, t: TrainConfig,
+                     dp_size: int) -> str:
+    """The start-up log line saying whether comm-sparse ZeRO-3 is on, and why."""
+    from sat_dist.parallel.zero_bytes import AUTO_MAX_RATIO
+
     if mode == "off":
         return "comm-sparse ZeRO-3: off (--sat-comm-sparse off)"
-    reason = unsupported_reason(sat_cfg, ds) or (None if mode == "on" else _auto_off_reason(dp_size))
-    return "comm-sparse ZeRO-3: on (SAT's weights gathered and reduced by kept rows)" if reason is None else \
-        f"comm-sparse ZeRO-3: off ({reason})"
+    reason = unsupported_reason(sat_cfg, ds)
+    if reason is not None:
+        return f"comm-sparse ZeRO-3: off ({reason})"
+    rows = "SAT's weights gathered and reduced by kept rows"
+    if dp_size == 1:
+        # One DP rank sends nothing: the kept-row bookkeeping would only cost (measured on
+        # SmolLM2-135M at one rank, docs/PERFORMANCE.md), so auto keeps DeepSpeed's path.
+        return f"comm-sparse ZeRO-3: on (--sat-comm-sparse on; {rows})" if mode == "on" else \
+            "comm-sparse ZeRO-3: off (data-parallel size 1: no ZeRO traffic to thin)"
+    ratio, predicted = _auto_prediction(sat_cfg, ds, model_cfg, t, dp_size)
+    if mode == "on":
+        return f"comm-sparse ZeRO-3: on (--sat-comm-sparse on; {predicted}; {rows})"
+    if ratio <= AUTO_MAX_RATIO:
+        return f"comm-sparse ZeRO-3: on (auto: {predicted}, on at <= {AUTO_MAX_RATIO:.2f}; {rows})"
+    return (f"comm-sparse ZeRO-3: off (auto: {predicted}; on needs <= {AUTO_MAX_RATIO:.2f}; "
+            f"--sat-comm-sparse on forces it)")
 
 
 def use_row_sparse_zero(model: LlamaModel, zero: RowSparseZero) -> None:

@@ -496,8 +496,10 @@ class Trainer:
             self.log(f" test at iteration {self.p.iteration} | lm loss test: {loss:.6E} | lm loss test ppl: {ppl:.3f}")
 
     def _eval_tasks(self) -> None:
-        """--eval-tasks on the dense model now (every rank takes part)."""
-        if self.downstream is not None:
+        """--eval-tasks on the dense model now (every rank takes part); once per iteration (the
+        interval's evaluation at the last step is the end of training's too)."""
+        if self.downstream is not None and getattr(self, "_tasks_at", None) != self.p.iteration:
+            self._tasks_at = self.p.iteration
             self.tb.scalars(self.p.iteration, self.downstream.run(self.eng, self.comm, self.p.iteration,
                                                                   self.p.consumed_samples, self.log))
 

@@ -107,7 +107,8 @@ def plan_run(argv: Optional[list[str]] = None) -> RunPlan:
     check_layer_rates(model_cfg, run.sat)
     dp = data_parallel_size(launch_world_size(), tp)
     ds = deepspeed_config(t, dp)
-    comm_sparse_wanted(t.sat_comm_sparse, run.sat, ds, dp)  # "on" where it cannot run: the error, before the ranks
+    # "on" where it cannot run: the error, before the ranks
+    comm_sparse_wanted(t.sat_comm_sparse, run.sat, ds, model_cfg, t, dp)
     check_save_dir(t.save, t.load)  # before the datasets: opening them can take a while
     check_output_dir("--tensorboard-dir", t.tensorboard_dir)
     check_output_dir("--wandb-save-dir", t.wandb_save_dir)
@@ -298,7 +299,7 @@ def _run(argv) -> int:
         f"selection={s.selection} omission attn/mlp={s.omission_attn}/{s.omission_mlp}")
     hf_sd = plan.hf_state_dict if plan.resume is None else None  # a resume takes the checkpoint's weights
     eng = build_engine(model_cfg, s, t, comm, hf_sd, ds_config=plan.ds_config)
-    log(comm_sparse_line(t.sat_comm_sparse, s, plan.ds_config, comm.dp_size))
+    log(comm_sparse_line(t.sat_comm_sparse, s, plan.ds_config, model_cfg, t, comm.dp_size))
     downstream = None
     if plan.eval_tasks is not None:
         from sat_dist.eval.runner import DownstreamEval
