@@ -64,6 +64,7 @@ def _run(rank, world, tp, cfg, mode, sat_cfg, accum, steps, bf16=False, route="a
         zero.scoring_route = route
     log = []
     if record:
+        zero.overlap = True  # on CPU it is off by default (docs/SAT.md)
         zero.comm = _Recording(zero.comm, log, {id(p): n for n, p in eng.model.named_parameters()})
     gen = torch.Generator().manual_seed(100 + comm.dp_rank)
     batches = [torch.randint(0, cfg.vocab_size, (1, SEQ + 1), generator=gen) for _ in range(accum)]
