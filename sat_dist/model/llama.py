@@ -134,16 +134,16 @@ class SATAttention(nn.Module):
         # changes from step to step.
         self.row_zero, self.row_weights = zero, (self.qkv_weight, self.proj_weight)
 
+    def _rows(self, i: int, kept: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The weight rows of kept groups `kept` in qkv (i=0) or proj (i=1); None: all."""
+        return None if kept is None else unit_rows(kept, ((self.r + 2) * self.d, self.r * self.d)[i])
+
     def row_products(self) -> list:
         """[(weight, peek, layer)] of qkv and proj for RowSparseZero.register_order: peek() ->
         (rows, selection) once this micro-batch's selection is settled, else UNSETTLED."""
-        rows_per_unit = ((self.r + 2) * self.d, self.r * self.d)
-
         def peek(i):
             kept = self.sat.peek(self.layer, "attn", self.groups)
-            if kept is UNSETTLED or kept is None:
-                return kept if kept is UNSETTLED else (None, None)
-            return unit_rows(kept, rows_per_unit[i]), kept
+            return kept if kept is UNSETTLED else (self._rows(i, kept), kept)
         return [(w, (lambda i=i: peek(i)), self.layer) for i, w in enumerate(self.row_weights)]
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -170,8 +170,7 @@ class SATAttention(nn.Module):
         x = self.comm.copy_to_tp(x)
         if zero is not None:
             g = self.groups if kept is None else kept.numel()
-            qkv = zero.linear(x, qkv_w, None if kept is None else unit_rows(kept, (r + 2) * d), sampler=s_qkv,
-                              selection=kept)
+            qkv = zero.linear(x, qkv_w, self._rows(0, kept), sampler=s_qkv, selection=kept)
         elif kept is None:
             g = self.groups
             qkv = sampled_linear(x, self.qkv_weight, s_qkv)
@@ -199,8 +198,7 @@ class SATAttention(nn.Module):
                                              enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, s, g * r * d)  # [b, s, g*r*d]
         if zero is not None:
-            y = zero.linear(out, proj_w, None if kept is None else unit_rows(kept, r * d), kept_in=True,
-                            sampler=s_proj, selection=kept)
+            y = zero.linear(out, proj_w, self._rows(1, kept), kept_in=True, sampler=s_proj, selection=kept)
         elif kept is None:
             y = sampled_linear(out, self.proj_weight, s_proj, kept_in=True)  # [b, s, h] partial over TP
         else:
@@ -226,13 +224,18 @@ class SATMLP(nn.Module):
     def use_row_zero(self, zero) -> None:
         self.row_zero, self.row_weights = zero, (self.fc1_weight, self.fc2_weight)  # every step, as attention's
 
+    def _rows(self, i: int, kept: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The weight rows of kept channels `kept` in fc1 (i=0: gate rows, then up rows) or
+        fc2 (i=1); None: all."""
+        if kept is None or i == 1:
+            return kept
+        return torch.cat((kept, kept + self.f))
+
     def row_products(self) -> list:
         """[(weight, peek, layer)] of fc1 and fc2 (see SATAttention's)."""
         def peek(i):
             kept = self.sat.peek(self.layer, "mlp", self.f)
-            if kept is UNSETTLED or kept is None:
-                return kept if kept is UNSETTLED else (None, None)
-            return (torch.cat((kept, kept + self.f)) if i == 0 else kept), kept
+            return kept if kept is UNSETTLED else (self._rows(i, kept), kept)
         return [(w, (lambda i=i: peek(i)), self.layer) for i, w in enumerate(self.row_weights)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [b, s, h]
@@ -277,8 +280,7 @@ class SATMLP(nn.Module):
             lambda gen, stride: zero.mlp_scores(x, fc1, fc2, self.comm.reduce_over_dp, gen, stride))
         s1, s2 = self._samplers()
         x = self.comm.copy_to_tp(x)
-        fc1_rows = None if kept is None else torch.cat((kept, kept + self.f))  # gate rows, then up rows
-        gate, up = zero.linear(x, fc1, fc1_rows, sampler=s1, selection=kept).chunk(2, dim=-1)  # [b, s, k] each
+        gate, up = zero.linear(x, fc1, self._rows(0, kept), sampler=s1, selection=kept).chunk(2, dim=-1)  # [b, s, k]
         y = zero.linear(F.silu(gate) * up, fc2, kept, kept_in=True, sampler=s2,
                         selection=kept)  # [b, s, h] partial over TP
         return self.comm.reduce_from_tp(y)

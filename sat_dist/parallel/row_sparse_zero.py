@@ -143,16 +143,13 @@ class RowSparseZero:
         """Where rows `rows` (sorted; None: all) of p lie in the DP partitions. Rows on the host
         are a layout fixed for the run (cached by `selection`, a tag); rows on the device are a
         selection's (cached while `selection`, the selection's own tensor, is current)."""
-        if rows is None or isinstance(selection, str) or rows.numel() == 0:
-            key = (id(p), selection if isinstance(selection, str) else "all")
-            lay = self._static.get(key) if rows is None or isinstance(selection, str) else None
-            if lay is None:
-                lay = self._host_layout(p, rows)
-                if rows is None or isinstance(selection, str):
-                    self._static[key] = lay
-            return lay
-        if selection is None:
-            return self._device_layout(p, rows)  # not cached: nothing says when it changes
+        if rows is None or isinstance(selection, str):
+            key = (id(p), selection or "all")
+            if key not in self._static:
+                self._static[key] = self._host_layout(p, rows)
+            return self._static[key]
+        if rows.numel() == 0 or selection is None:  # not cached: nothing says when it changes
+            return self._host_layout(p, rows) if rows.numel() == 0 else self._device_layout(p, rows)
         cached = self._dynamic.get(id(p))
         if cached is not None and cached[0] is selection:
             return cached[1]
@@ -362,8 +359,9 @@ class RowSparseZero:
         each backward, before DeepSpeed's step reads the gradient partitions)."""
         while self._reduces:
             self._finish_reduce(self._reduces.pop(0))
-        for g in list(self._gathers.values()):  # prefetched for a product that did not run
-            g.work is not None and g.work.wait()
+        for g in self._gathers.values():  # prefetched for a product that did not run
+            if g.work is not None:
+                g.work.wait()
         self._gathers.clear()
 
     def _write_share(self, p: torch.nn.Parameter, lay: "_Layout", share: torch.Tensor) -> None:
